@@ -1,0 +1,94 @@
+"""Atomic checkpoints of a run: the student (LoRA adapter or full weights), optimizer and scheduler.
+
+A checkpoint is written to a temporary directory and renamed into place, so `latest` never sees a
+half-written one. Nothing else needs saving: the data order and every random draw of a step are
+derived from (seed, step) in the training loop, so a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_model
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return sorted(found)
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save(run_dir: str | Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    """Write the checkpoint after `step` completed optimizer steps; keep the newest `keep`."""
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if _is_peft(model):
+        model.save_pretrained(tmp / "adapter")  # a loadable peft adapter directory
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: str | Path, model, optimizer, scheduler) -> int:
+    """Restore model, optimizer and scheduler from a checkpoint in place; return its step."""
+    path = Path(path)
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    else:
+        load_model(model, str(path / "model.safetensors"))
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def save_final(out_dir: str | Path, model, tokenizer, merge_lora: bool) -> Path:
+    """The trained student in a from_pretrained-loadable directory (LoRA merged unless asked not to)."""
+    out = Path(out_dir)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _is_peft(model) and merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out

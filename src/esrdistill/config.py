@@ -1,0 +1,251 @@
+"""The one flat, frozen, typed config of a distillation run.
+
+Load it with `load_config(path, overrides)`: YAML first, then `key=value` overrides. Unknown keys
+and bad values raise `ConfigError` naming the key and what is allowed. Derived values (the
+generation length, the dtype, the device) are computed where they are used, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from esrdistill.errors import UserError
+
+LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled")
+LOSS_NORMS = ("trajectory", "token")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GRADERS = ("auto", "reasoning_gym", "math", "exact")
+ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "none")
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value a user must fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # ---- models -------------------------------------------------------------------------------
+    student: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
+    teacher: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
+    model_cache: Optional[str] = None  # where packaged models are converted; None = ~/.cache/esrdistill
+
+    # ---- data ---------------------------------------------------------------------------------
+    dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, a .jsonl/.json/.parquet file, or a datasets name
+    dataset_options: dict = field(default_factory=dict)  # kwargs for the generator / datasets.load_dataset
+    dataset_split: str = "train"  # split to read from a datasets name
+    prompt_field: str = "question"  # row field holding the prompt text
+    answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot)
+    num_prompts: Optional[int] = 1000  # training prompts to use; None = every remaining row
+    eval_prompts: int = 64  # held-out problems for evaluation (taken before the training prompts)
+    prompt_template: str = "{prompt}"  # user message; "{prompt}" is replaced by the row's prompt
+    system_prompt: Optional[str] = None  # student's system message; None = the chat template's default
+    teacher_system_prompt: Optional[str] = None  # teacher's system message; None = system_prompt
+    teacher_fewshot: int = 0  # worked examples (held-out rows) the teacher alone sees as earlier turns
+    fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example
+    teacher_prompt_suffix: str = ""  # text the teacher alone sees after its chat template (e.g. an empty think block)
+    max_prompt_tokens: Optional[int] = None  # drop longer prompts; None = model context minus rollout length
+
+    # ---- rollout ------------------------------------------------------------------------------
+    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; None = full rollout
+    max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=None) and of evaluation
+    temperature: float = 0.7  # sampling temperature of rollouts
+    top_p: float = 0.95  # nucleus sampling of rollouts (top_k is off)
+
+    # ---- loss ---------------------------------------------------------------------------------
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | sampled (per-token policy gradient)
+    jsd_beta: float = 0.5  # jsd only: weight of the teacher in the mixture, strictly between 0 and 1
+    loss_norm: str = "trajectory"  # trajectory: mean over a trajectory then over trajectories; token: mean over all tokens
+
+    # ---- optimisation -------------------------------------------------------------------------
+    lora_r: int = 32  # LoRA rank on every linear layer; 0 = full fine-tuning
+    lora_alpha: int = 64  # LoRA scaling numerator
+    lora_dropout: float = 0.05  # LoRA dropout
+    lr: float = 5e-5  # peak learning rate (the paper: 5e-5 LoRA, 5e-6 full fine-tuning)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.1  # fraction of steps with linear warmup before the cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    batch_size: int = 16  # prompts (one rollout each) per optimizer step
+    micro_batch_size: int = 4  # trajectories per forward/backward; the loss does not depend on it
+    teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward; None = micro_batch_size
+    steps: int = 200  # optimizer steps
+    seed: int = 0  # seeds data order, sampling and init; each step reseeds from (seed, step)
+
+    # ---- evaluation, checkpoints, output ------------------------------------------------------
+    eval_every: int = 50  # evaluate the student every N steps and at the end; 0 = never
+    eval_batch_size: int = 16  # prompts per generate call during evaluation
+    grader: str = "auto"  # auto | reasoning_gym | math | exact
+    answer_extract: str = "tag"  # tag (<answer>..</answer>) | boxed_last | boxed_first | last_number | none
+    save_every: int = 50  # checkpoint every N steps; 0 = only on interruption
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    run_dir: str = "runs/esr"  # where config.yaml, metrics.jsonl, checkpoints/ and final/ go
+    resume: bool = False  # continue from the newest checkpoint in run_dir
+    merge_lora: bool = True  # final/ holds the merged model; False = the adapter only
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda; several GPUs: `accelerate launch`
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    tensorboard: bool = False  # also write TensorBoard events to run_dir/tb
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
+    progress: bool = True  # show progress bars
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the type of field `key`, or raise ConfigError."""
+    hint = _HINTS[key]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+                return False
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if base is str:
+            return value if isinstance(value, str) else str(value)
+    except (ValueError, TypeError):
+        pass
+    raise ConfigError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}")
+
+
+def _check_key(key: str) -> None:
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint} (valid keys: see `esrdistill train --help-config`)")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError on values no run can use; return cfg unchanged."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("student", "teacher", "dataset"):
+        need(bool(getattr(cfg, name).strip()), f"{name} is missing: give a local directory, a hub id or packaged:NAME")
+    need(cfg.rollout_tokens is None or cfg.rollout_tokens > 0, f"rollout_tokens must be > 0 or null (full rollout), got {cfg.rollout_tokens}")
+    need(cfg.max_new_tokens > 0, f"max_new_tokens must be > 0, got {cfg.max_new_tokens}")
+    need(cfg.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {cfg.temperature}")
+    need(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}")
+    need(cfg.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got '{cfg.loss}'")
+    need(0 < cfg.jsd_beta < 1, f"jsd_beta must be strictly between 0 and 1, got {cfg.jsd_beta}")
+    need(cfg.loss_norm in LOSS_NORMS, f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got '{cfg.loss_norm}'")
+    need(cfg.lora_r >= 0, f"lora_r must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
+    need(cfg.lora_alpha > 0, f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    need(0 <= cfg.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    need(cfg.lr >= 0, f"lr must be >= 0, got {cfg.lr}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    need(cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = off), got {cfg.max_grad_norm}")
+    need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
+    need(cfg.micro_batch_size > 0, f"micro_batch_size must be > 0, got {cfg.micro_batch_size}")
+    need(cfg.teacher_micro_batch is None or cfg.teacher_micro_batch > 0, f"teacher_micro_batch must be > 0 or null, got {cfg.teacher_micro_batch}")
+    need(cfg.steps > 0, f"steps must be > 0, got {cfg.steps}")
+    need(cfg.num_prompts is None or cfg.num_prompts > 0, f"num_prompts must be > 0 or null (all rows), got {cfg.num_prompts}")
+    need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
+    need(cfg.teacher_fewshot >= 0, f"teacher_fewshot must be >= 0, got {cfg.teacher_fewshot}")
+    need("{prompt}" in cfg.prompt_template, "prompt_template must contain {prompt}")
+    need(cfg.max_prompt_tokens is None or cfg.max_prompt_tokens > 0, f"max_prompt_tokens must be > 0 or null, got {cfg.max_prompt_tokens}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
+    need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
+    need(cfg.grader in GRADERS, f"grader must be one of {', '.join(GRADERS)}, got '{cfg.grader}'")
+    need(cfg.answer_extract in ANSWER_EXTRACTS, f"answer_extract must be one of {', '.join(ANSWER_EXTRACTS)}, got '{cfg.answer_extract}'")
+    need(cfg.save_every >= 0, f"save_every must be >= 0 (0 = only on interruption), got {cfg.save_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got '{cfg.device}' (pick GPUs with CUDA_VISIBLE_DEVICES)")
+    need(cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=1e-4', 'rollout_tokens=null'] -> {'lr': '1e-4', 'rollout_tokens': 'null'} (coerced later)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        _check_key(key)
+        out[key] = value
+    return out
+
+
+def make_config(values: dict[str, Any]) -> Config:
+    """A validated Config from a mapping of field names to raw values."""
+    for key in values:
+        _check_key(key)
+    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Config from an optional YAML file plus `key=value` overrides (overrides win)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not {type(loaded).__name__}")
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    elif overrides:
+        values.update(parse_overrides(overrides))
+    return make_config(values)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def describe_fields() -> str:
+    """One line per field: name, default, and the comment from this file (for --help-config)."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(Config).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            if name in FIELDS:
+                comments[name] = stripped.split("#", 1)[1].strip()
+    defaults = to_dict(Config())
+    return "\n".join(f"{name} = {defaults[name]!r}\n    {comments.get(name, '')}" for name in FIELDS)

@@ -1,0 +1,135 @@
+"""Tasks: prompts with reference answers, from reasoning-gym, local files or the datasets library.
+
+A task is split once, deterministically from the seed, into few-shot examples (shown to the teacher
+only), evaluation problems, and training prompts, in that order, so the evaluation set does not
+depend on how many training prompts a run asks for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esrdistill.errors import UserError
+
+REASONING_GYM = "reasoning_gym:"
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DEFAULT_GENERATED = 1000  # training prompts generated when num_prompts is null for a generator
+
+
+class DataError(UserError, ValueError):
+    """Data a run cannot use; the message names what is wrong and what exists."""
+
+
+@dataclass
+class Problem:
+    prompt: str  # the raw prompt text (before prompt_template and chat templates)
+    answer: str | None  # the reference answer, None when the data has none
+    row: dict[str, Any] = field(default_factory=dict, repr=False)  # the source row (reasoning-gym entry)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Problem]
+    eval: list[Problem]
+    fewshot: list[Problem]
+    source: Any = None  # the reasoning-gym dataset (its score_answer grades), else None
+
+    @property
+    def is_reasoning_gym(self) -> bool:
+        return self.source is not None
+
+
+def _split(rows: list[Problem], fewshot: int, eval_prompts: int, num_prompts: int | None, name: str) -> tuple[list, list, list]:
+    held = fewshot + eval_prompts
+    if len(rows) <= held:
+        raise DataError(
+            f"dataset {name} has {len(rows)} rows, but teacher_fewshot={fewshot} and eval_prompts={eval_prompts} "
+            "leave none for training"
+        )
+    train = rows[held:] if num_prompts is None else rows[held : held + num_prompts]
+    return rows[:fewshot], rows[fewshot:held], train
+
+
+def _reasoning_gym(task_name: str, options: dict, seed: int, size: int):
+    import difflib
+
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    if task_name not in DATASETS:
+        close = difflib.get_close_matches(task_name, DATASETS, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise DataError(f"reasoning-gym has no task '{task_name}'.{hint}")
+    try:
+        return reasoning_gym.create_dataset(task_name, size=size, seed=seed, **options)
+    except (TypeError, AssertionError, ValueError) as err:
+        raise DataError(f"reasoning-gym task '{task_name}' rejected dataset_options {options}: {err}") from err
+
+
+def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
+    import datasets
+
+    path = Path(spec).expanduser()
+    try:
+        if path.suffix in FILE_FORMATS:
+            if not path.is_file():
+                raise DataError(f"data file {path} does not exist")
+            data = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train", **options)
+        else:
+            data = datasets.load_dataset(spec, split=split, **options)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many kinds; the user needs the message, not the type
+        raise DataError(f"could not load dataset '{spec}': {err}") from err
+    return [dict(row) for row in data]
+
+
+def load_task(
+    dataset: str,
+    prompt_field: str = "question",
+    answer_field: str = "answer",
+    num_prompts: int | None = None,
+    eval_prompts: int = 0,
+    fewshot: int = 0,
+    seed: int = 0,
+    options: dict | None = None,
+    split: str = "train",
+) -> Task:
+    """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name."""
+    options = dict(options or {})
+    if dataset.startswith(REASONING_GYM):
+        name = dataset[len(REASONING_GYM) :]
+        size = fewshot + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
+        source = _reasoning_gym(name, options, seed, size)
+        rows = [Problem(prompt=e["question"], answer=str(e["answer"]), row=e) for e in source]
+        few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset)
+        return Task(name=dataset, train=train, eval=ev, fewshot=few, source=source)
+
+    raw = _rows_from_library(dataset, options, split)
+    if not raw:
+        raise DataError(f"dataset '{dataset}' is empty")
+    fields = sorted(raw[0])
+    if prompt_field not in raw[0]:
+        raise DataError(f"prompt_field '{prompt_field}' is not in dataset '{dataset}'; its fields are: {', '.join(fields)}")
+    needs_answer = eval_prompts > 0 or fewshot > 0
+    if needs_answer and answer_field not in raw[0]:
+        raise DataError(
+            f"answer_field '{answer_field}' is not in dataset '{dataset}' (needed for eval_prompts/teacher_fewshot); "
+            f"its fields are: {', '.join(fields)}"
+        )
+    random.Random(seed).shuffle(raw)
+    rows = []
+    for row in raw:
+        prompt = row.get(prompt_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            continue  # a row without a usable prompt cannot be sampled from
+        answer = row.get(answer_field)
+        rows.append(Problem(prompt=prompt, answer=None if answer is None else str(answer), row=row))
+    if not rows:
+        raise DataError(f"dataset '{dataset}' has no row with a non-empty '{prompt_field}'")
+    few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset)
+    return Task(name=dataset, train=train, eval=ev, fewshot=few)

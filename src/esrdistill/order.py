@@ -1,0 +1,42 @@
+"""Which prompts a step uses and how it seeds its random draws: pure functions of (seed, step).
+
+Because nothing here is state, a run resumed at step s draws exactly the prompts and samples the
+uninterrupted run would have drawn; checkpoints need no data position and no RNG state.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def batch_indices(step: int, batch_size: int, num_prompts: int, seed: int) -> list[int]:
+    """Prompt indices of optimizer step `step` (0-based).
+
+    The prompts are visited epoch by epoch, each epoch in its own seeded permutation; a batch that
+    straddles two epochs takes the end of one and the start of the next.
+    """
+    if num_prompts <= 0:
+        raise ValueError("no training prompts")
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_prompts)
+        out.append(_permutation(num_prompts, seed, epoch)[offset])
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        _PERMUTATIONS.clear()  # one epoch's permutation at a time is all a run needs
+        _PERMUTATIONS[key] = order
+    return _PERMUTATIONS[key]
+
+
+def step_seed(seed: int, step: int, process_index: int = 0) -> int:
+    """The seed of everything random in one step (sampling, dropout) on one process."""
+    return random.Random(f"step-{seed}-{step}-{process_index}").getrandbits(31)

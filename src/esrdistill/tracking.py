@@ -1,0 +1,103 @@
+"""Metrics: one JSON object per step in metrics.jsonl, optionally TensorBoard and wandb; timers and
+memory readings for the per-phase figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per phase name; CUDA work is synchronised before reading."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB: CUDA memory allocated on `device` since the last reset, else the process's
+    peak resident set size (which never goes down on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _clean(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than crash
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON line per call to run_dir/metrics.jsonl (flushed at once), and mirrors the
+    numbers to TensorBoard and wandb when asked. Neither of those needs a network: wandb runs
+    offline unless WANDB_MODE is set."""
+
+    def __init__(self, run_dir: str | Path, config: dict, tensorboard: bool = False, wandb: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        if wandb:
+            import wandb as wandb_lib
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self._wandb = wandb_lib.init(project="esrdistill", dir=str(run_dir), config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,70 @@
+import pytest
+import yaml
+
+from esrdistill.config import Config, ConfigError, load_config, make_config, save_config
+
+
+def test_defaults_follow_the_paper():
+    cfg = Config()
+    assert (cfg.rollout_tokens, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (100, 32, 64, 0.05)
+    assert (cfg.lr, cfg.temperature, cfg.top_p, cfg.max_grad_norm, cfg.warmup_ratio) == (5e-5, 0.7, 0.95, 1.0, 0.1)
+    assert (cfg.batch_size, cfg.steps, cfg.loss, cfg.loss_norm) == (16, 200, "reverse_kl", "trajectory")
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        Config().lr = 1.0
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-4\nrollout_tokens: 50\nsteps: 7\n")
+    cfg = load_config(path, ["rollout_tokens=null", "lr=2e-4", "resume=true", "dataset_options={max_digits: 1}"])
+    assert cfg.rollout_tokens is None and cfg.lr == 2e-4 and cfg.steps == 7 and cfg.resume is True
+    assert cfg.dataset_options == {"max_digits": 1}
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout_token'.*did you mean 'rollout_tokens'"):
+        load_config(None, ["rollout_token=5"])
+    with pytest.raises(ConfigError, match="'lerning_rate'"):
+        make_config({"lerning_rate": 1})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout_tokens=0", "rollout_tokens must be > 0"),
+        ("rollout_tokens=-3", "rollout_tokens must be > 0"),
+        ("lr=-1e-5", "lr must be >= 0"),
+        ("student=", "student is missing"),
+        ("loss=kl", "loss must be one of reverse_kl, forward_kl, jsd, sampled"),
+        ("jsd_beta=1.0", "jsd_beta must be strictly between 0 and 1"),
+        ("steps=abc", "steps='abc' is not a valid int"),
+        ("batch_size=2.5", "is not a valid int"),
+        ("resume=maybe", "is not a valid bool"),
+        ("dtype=fp8", "dtype must be one of"),
+        ("prompt_template=no placeholder", "must contain {prompt}"),
+        ("steps=null", "steps cannot be null"),
+    ],
+)
+def test_bad_values_say_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+        load_config(None, [override])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="is not key=value"):
+        load_config(None, ["lr"])
+
+
+def test_saved_config_loads_back_identical(tmp_path):
+    cfg = load_config(None, ["rollout_tokens=null", "system_prompt=Be brief: {x}", "dataset_options={a: 1}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["rollout_tokens"] is None
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/c.yaml")

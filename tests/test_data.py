@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from conftest import make_tokenizer
+from esrdistill import prompts
+from esrdistill.data import DataError, Problem, load_task
+
+
+def test_reasoning_gym_split_is_disjoint_and_stable():
+    a = load_task("reasoning_gym:chain_sum", num_prompts=10, eval_prompts=5, fewshot=2, seed=3)
+    b = load_task("reasoning_gym:chain_sum", num_prompts=40, eval_prompts=5, fewshot=2, seed=3)
+    assert (len(a.fewshot), len(a.eval), len(a.train)) == (2, 5, 10)
+    assert [p.prompt for p in a.eval] == [p.prompt for p in b.eval]  # eval set independent of num_prompts
+    assert [p.prompt for p in a.train] == [p.prompt for p in b.train[:10]]
+    assert a.is_reasoning_gym and a.eval[0].answer == str(a.eval[0].row["answer"])
+
+
+def test_unknown_reasoning_gym_task_suggests():
+    with pytest.raises(DataError, match="no task 'chain_sums'.*chain_sum"):
+        load_task("reasoning_gym:chain_sums", num_prompts=2)
+
+
+def test_reasoning_gym_options_reach_the_generator():
+    task = load_task("reasoning_gym:chain_sum", num_prompts=20, seed=0, options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    for p in task.train:
+        numbers = [t for t in p.prompt.replace("=", " ").split() if t.lstrip("-").isdigit()]
+        assert len(numbers) == 2 and all(len(n.lstrip("-")) == 1 for n in numbers)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_file_with_custom_fields(tmp_path):
+    rows = [{"q": f"What is {i}+1?", "a": str(i + 1)} for i in range(12)]
+    task = load_task(_write_jsonl(tmp_path / "d.jsonl", rows), prompt_field="q", answer_field="a", eval_prompts=2, fewshot=1, seed=0)
+    assert (len(task.fewshot), len(task.eval), len(task.train)) == (1, 2, 9)
+    assert not task.is_reasoning_gym
+    for p in task.fewshot + task.eval + task.train:
+        assert p.answer == str(int(p.prompt.split()[2].split("+")[0]) + 1)
+
+
+def test_missing_field_names_the_fields_that_exist(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "x", "solution": "y"}] * 3)
+    with pytest.raises(DataError, match="prompt_field 'question'.*fields are: problem, solution"):
+        load_task(path)
+    with pytest.raises(DataError, match="answer_field 'answer'.*fields are: problem, solution"):
+        load_task(path, prompt_field="problem", eval_prompts=1)
+
+
+def test_empty_dataset_says_so(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="empty|could not load"):
+        load_task(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_task(str(tmp_path / "nope.jsonl"))
+
+
+def test_too_few_rows_for_the_split(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "1"}] * 3)
+    with pytest.raises(DataError, match="leave none for training"):
+        load_task(path, eval_prompts=3)
+
+
+def test_long_prompts_are_dropped_and_counted_not_truncated():
+    tok = make_tokenizer()
+    problems = [Problem("short", "1"), Problem("x" * 200, "2"), Problem("mid " * 5, "3")]
+    style = prompts.PromptStyle(system="S")
+    ids = prompts.encode(tok, problems, style)
+    limit = len(ids[2])
+    out = prompts.prepare(problems, tok, tok, style, style, student_limit=limit, teacher_limit=10_000)
+    assert out.dropped == 1 and [p.answer for p in out.problems] == ["1", "3"]
+    assert out.student_ids == [ids[0], ids[2]]  # kept whole
+
+
+def test_teacher_view_has_fewshot_turns_and_suffix_student_view_does_not():
+    tok = make_tokenizer()
+    shots = prompts.fewshot_turns([Problem("1+1", "2")], "Q: {prompt}", "<answer>{answer}</answer>")
+    student = prompts.PromptStyle(system="S", template="Q: {prompt}")
+    teacher = prompts.PromptStyle(system="T", template="Q: {prompt}", fewshot=shots, suffix="<think></think>")
+    s_text = prompts.render(tok, "2+2", student)
+    t_text = prompts.render(tok, "2+2", teacher)
+    assert s_text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ: 2+2<|im_end|>\n<|im_start|>assistant\n"
+    assert t_text == (
+        "<|im_start|>system\nT<|im_end|>\n<|im_start|>user\nQ: 1+1<|im_end|>\n<|im_start|>assistant\n"
+        "<answer>2</answer><|im_end|>\n<|im_start|>user\nQ: 2+2<|im_end|>\n<|im_start|>assistant\n<think></think>"
+    )
+
+
+def test_prompt_template_keeps_other_braces():
+    tok = make_tokenizer()
+    text = prompts.render(tok, "2+2", prompts.PromptStyle(template="{prompt} Put it in \\boxed{}."))
+    assert "2+2 Put it in \\boxed{}." in text
+
+
+def test_base_model_without_chat_template_gets_plain_layout():
+    tok = make_tokenizer(chat_template=None)
+    text = prompts.render(tok, "2+2", prompts.PromptStyle(system="Be brief.", fewshot=(("1+1", "2"),)))
+    assert text == "Be brief.\n\nQuestion: 1+1\nAnswer: 2\n\nQuestion: 2+2\nAnswer:"

