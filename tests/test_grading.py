@@ -56,3 +56,11 @@ def test_exact_grader():
 def test_reasoning_gym_grader_needs_a_reasoning_gym_task():
     with pytest.raises(ValueError, match="reasoning_gym"):
         make_grader(Task(name="t", train=[], eval=[], fewshot=[]), "reasoning_gym", "tag")
+
+
+def test_reference_with_a_worked_solution_is_graded_on_its_last_box():
+    task = Task(name="t", train=[], eval=[], fewshot=[])
+    grade = make_grader(task, "math", "boxed_last")
+    problem = Problem("?", r"First 2+2=4, so the answer is \boxed{4}.")
+    assert grade(r"\boxed{4}", problem)
+    assert not grade(r"\boxed{5}", problem)

@@ -8,22 +8,45 @@ from esrdistill import models, packaged
 
 
 def test_different_tokenizers_are_refused_with_a_clear_message():
+    student = make_tokenizer()
+    reordered = make_tokenizer()
+    reordered.add_tokens(["<extra>"])
     with pytest.raises(models.ModelError, match="cross-tokenizer distillation is not supported yet"):
-        models.check_same_tokenizer(make_tokenizer(), make_tokenizer(extra=["<extra>"]))
-    models.check_same_tokenizer(make_tokenizer(), make_tokenizer())  # same vocabulary: fine
+        models.shared_vocab(reordered, student)  # the student has a token the teacher lacks
+    from conftest import SPECIALS
+    import string
+    from tokenizers import Regex, Tokenizer, decoders, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    swapped = SPECIALS[:2] + [SPECIALS[3], SPECIALS[2]] + SPECIALS[4:] + list(dict.fromkeys(list(string.printable[:95]) + ["\n"]))
+    core = Tokenizer(tk_models.WordLevel(vocab={t: i for i, t in enumerate(swapped)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    other = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    with pytest.raises(models.ModelError, match="not supported yet"):
+        models.shared_vocab(student, other)  # same strings, different ids
+
+
+def test_identical_tokenizers_share_everything():
+    assert models.shared_vocab(make_tokenizer(), make_tokenizer()) == len(make_tokenizer())
+
+
+def test_teacher_tokenizer_that_appends_tokens_shares_the_students_vocab():
+    teacher = make_tokenizer()
+    teacher.add_tokens(["<think>", "</think>"])  # like Qwen3 after Qwen2.5
+    assert models.shared_vocab(make_tokenizer(), teacher) == len(make_tokenizer())
 
 
 def test_vocab_cut_to_tokenizer_when_embeddings_are_padded():
     tok = make_tokenizer()
     student = make_model(len(tok), 1)
     teacher = make_model(len(tok), 2, vocab_rows=len(tok) + 28)  # padded rows, like Qwen's 152064
-    assert models.shared_vocab_size(tok, student, teacher) == len(tok)
+    assert models.shared_vocab_size(tok, tok, student, teacher) == len(tok)
 
 
 def test_lm_head_smaller_than_tokenizer_is_refused():
     tok = make_tokenizer()
     with pytest.raises(models.ModelError, match="has 50 rows"):
-        models.shared_vocab_size(tok, make_model(len(tok), 1), make_model(len(tok), 2, vocab_rows=50))
+        models.shared_vocab_size(tok, tok, make_model(len(tok), 1), make_model(len(tok), 2, vocab_rows=50))
 
 
 def test_lora_on_all_linear_layers_and_full_finetuning():

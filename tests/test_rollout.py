@@ -104,3 +104,11 @@ def test_log_probs_cut_padding_rows_before_normalising():
     out = teacher.log_probs(logits, vocab_size=8)
     assert out.shape == (2, 3, 8)
     assert torch.allclose(out, torch.log_softmax(logits[..., :8], -1))
+
+
+def test_micro_batches_group_similar_lengths_and_cover_every_row_once():
+    from esrdistill.order import micro_batches
+
+    groups = micro_batches([3, 9, 1, 9, 5], 2)
+    assert groups == [[1, 3], [4, 0], [2]]
+    assert sorted(r for g in groups for r in g) == list(range(5))

@@ -101,3 +101,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_dirs, tmp_path, monk
     losses_a = [m["loss"] for m in tracking.read_metrics(straight)]
     losses_b = [m["loss"] for m in tracking.read_metrics(resumed)]
     assert losses_a == losses_b
+
+
+def test_micro_batch_size_does_not_change_training(tiny_dirs, tmp_path):
+    """Same rollouts, same loss, same update whatever the micro-batch size (trajectory and token norms)."""
+    student, teacher = tiny_dirs
+    for norm in ("trajectory", "token"):
+        states, losses = [], []
+        for micro in (1, 3, 4):
+            run = tmp_path / f"{norm}-{micro}"
+            train(make_config(tiny_overrides(student, teacher, run, steps=2, micro_batch_size=micro, lora_r=0, lr=1e-2,
+                                             loss_norm=norm, temperature=1.0)))
+            states.append(_final_state(run))
+            losses.append([m["loss"] for m in tracking.read_metrics(run)])
+        for other, other_losses in zip(states[1:], losses[1:]):
+            assert other_losses == pytest.approx(losses[0], rel=1e-5)
+            for name in states[0]:
+                assert torch.allclose(other[name], states[0][name], atol=1e-5), name

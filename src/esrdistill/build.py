@@ -70,7 +70,6 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.model_cache)
-    models.check_same_tokenizer(tokenizer, teacher_tokenizer)
     student = models.load_model(cfg.student, dtype, device, cfg.model_cache)
     if trainable:
         student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -80,7 +79,7 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
         teacher=teacher,
         tokenizer=tokenizer,
         teacher_tokenizer=teacher_tokenizer,
-        vocab_size=models.shared_vocab_size(tokenizer, student, teacher),
+        vocab_size=models.shared_vocab_size(tokenizer, teacher_tokenizer, student, teacher),
         eos_ids=models.eos_ids(tokenizer, student),
         device=device,
         dtype=dtype,

@@ -106,8 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Hide per-load progress bars and deprecation chatter of the libraries; our own bars stay."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "args"):  # key=value after an option: argparse leaves them over
+        args.args += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-") or "=" not in e]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _quiet_libraries()
     if getattr(args, "help_config", False):
         print(describe_fields())
         return 0

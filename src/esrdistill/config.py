@@ -34,7 +34,7 @@ class Config:
     # ---- models -------------------------------------------------------------------------------
     student: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
     teacher: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
-    model_cache: Optional[str] = None  # where packaged models are converted; None = ~/.cache/esrdistill
+    model_cache: Optional[str] = None  # where packaged models are converted; null = ~/.cache/esrdistill (or $ESRDISTILL_CACHE)
 
     # ---- data ---------------------------------------------------------------------------------
     dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, a .jsonl/.json/.parquet file, or a datasets name
@@ -42,19 +42,19 @@ class Config:
     dataset_split: str = "train"  # split to read from a datasets name
     prompt_field: str = "question"  # row field holding the prompt text
     answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot)
-    num_prompts: Optional[int] = 1000  # training prompts to use; None = every remaining row
+    num_prompts: Optional[int] = 1000  # training prompts to use; null = every remaining row
     eval_prompts: int = 64  # held-out problems for evaluation (taken before the training prompts)
     prompt_template: str = "{prompt}"  # user message; "{prompt}" is replaced by the row's prompt
-    system_prompt: Optional[str] = None  # student's system message; None = the chat template's default
-    teacher_system_prompt: Optional[str] = None  # teacher's system message; None = system_prompt
+    system_prompt: Optional[str] = None  # student's system message; null = the chat template's default
+    teacher_system_prompt: Optional[str] = None  # teacher's system message; null = system_prompt
     teacher_fewshot: int = 0  # worked examples (held-out rows) the teacher alone sees as earlier turns
-    fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example
+    fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example: {answer} and {FIELD} of its row
     teacher_prompt_suffix: str = ""  # text the teacher alone sees after its chat template (e.g. an empty think block)
-    max_prompt_tokens: Optional[int] = None  # drop longer prompts; None = model context minus rollout length
+    max_prompt_tokens: Optional[int] = None  # drop longer prompts; null = model context minus rollout length
 
     # ---- rollout ------------------------------------------------------------------------------
-    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; None = full rollout
-    max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=None) and of evaluation
+    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout
+    max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
     temperature: float = 0.7  # sampling temperature of rollouts
     top_p: float = 0.95  # nucleus sampling of rollouts (top_k is off)
 
@@ -73,7 +73,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     batch_size: int = 16  # prompts (one rollout each) per optimizer step
     micro_batch_size: int = 4  # trajectories per forward/backward; the loss does not depend on it
-    teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward; None = micro_batch_size
+    teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward; null = micro_batch_size
     steps: int = 200  # optimizer steps
     seed: int = 0  # seeds data order, sampling and init; each step reseeds from (seed, step)
 
@@ -89,7 +89,7 @@ class Config:
     merge_lora: bool = True  # final/ holds the merged model; False = the adapter only
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda; several GPUs: `accelerate launch`
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    tensorboard: bool = False  # also write TensorBoard events to run_dir/tb
+    tensorboard: bool = False  # also write TensorBoard events to run_dir/tb (`pip install tensorboard`)
     wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
     progress: bool = True  # show progress bars
 

@@ -52,6 +52,13 @@ def extract_answer(text: str, mode: str) -> str | None:
     raise ValueError(f"unknown answer_extract mode '{mode}'")
 
 
+def reference_answer(reference: str) -> str:
+    """The final answer inside a reference: its last \\boxed{} when it has one (a worked solution,
+    as in NuminaMath or MATH), else the whole reference."""
+    found = boxed_contents(reference)
+    return found[-1].strip() if found else reference.strip()
+
+
 def math_equal(answer: str, reference: str) -> bool:
     """math-verify's equivalence of two answers; exact string match when neither parses as math."""
     from math_verify import parse, verify
@@ -79,8 +86,9 @@ def make_grader(task: Task, grader: str, answer_extract: str) -> Callable[[str, 
             return False
         if kind == "reasoning_gym":
             return float(task.source.score_answer(answer, problem.row)) >= 1.0
+        reference = reference_answer(problem.answer)
         if kind == "math":
-            return math_equal(answer, problem.answer)
-        return answer.strip() == problem.answer.strip()
+            return math_equal(answer, reference)
+        return answer.strip() == reference
 
     return grade

@@ -102,25 +102,35 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> None:
-    """Raise unless both tokenizers map the same strings to the same ids."""
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
+def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> int:
+    """The number of leading token ids on which both tokenizers agree, or a ModelError.
+
+    Identical tokenizers share all of them. A teacher whose tokenizer only appends tokens to the
+    student's (Qwen3's <think> tokens after Qwen2.5's vocabulary) shares the student's whole
+    vocabulary; the teacher's extra entries are cut and its distribution renormalised over the
+    shared ones, which the student can all produce. Anything else is a different tokenizer.
+    """
+    student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    size = len(student_vocab)
+    same_ids = all(teacher_vocab.get(token) == index for token, index in student_vocab.items())
+    if not same_ids or sorted(student_vocab.values()) != list(range(size)):
         raise ModelError(
-            f"the student's and the teacher's tokenizers differ ({len(student_tok)} vs {len(teacher_tok)} "
-            "tokens): cross-tokenizer distillation is not supported yet. Pick a teacher and a student "
-            "that share a tokenizer."
+            f"the student's and the teacher's tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} "
+            "tokens, not the same ids): cross-tokenizer distillation is not supported yet. Pick a teacher and "
+            "a student that share a tokenizer."
         )
+    return size
 
 
-def shared_vocab_size(tokenizer: PreTrainedTokenizerBase, student, teacher) -> int:
-    """The vocabulary both distributions are compared over: the tokenizer's size.
+def shared_vocab_size(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, student, teacher) -> int:
+    """The vocabulary both distributions are compared over: the student tokenizer's ids.
 
     Embedding matrices are often padded past the tokenizer (Qwen: 151,936 vs 152,064 rows); those
-    rows are never produced by the tokenizer, so logits are cut to the tokenizer's size.
+    rows are never produced by the tokenizer, so logits are cut to the shared size.
     """
-    size = len(tokenizer)
+    size = shared_vocab(student_tok, teacher_tok)
     for role, model in (("student", student), ("teacher", teacher)):
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < size:
-            raise ModelError(f"the {role}'s LM head has {rows} rows but its tokenizer has {size} tokens")
+            raise ModelError(f"the {role}'s LM head has {rows} rows but the tokenizer has {size} tokens")
     return size

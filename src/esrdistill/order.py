@@ -40,3 +40,14 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 def step_seed(seed: int, step: int, process_index: int = 0) -> int:
     """The seed of everything random in one step (sampling, dropout) on one process."""
     return random.Random(f"step-{seed}-{step}-{process_index}").getrandbits(31)
+
+
+def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Rows grouped into micro-batches of at most `size`, longest responses first.
+
+    Grouping similar lengths means each micro-batch is cut to its own longest response, so a
+    long rollout does not make every micro-batch pay for its padding. The batch loss is a sum
+    over micro-batches with batch-wide denominators, so the grouping does not change it.
+    """
+    ranked = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+    return [ranked[start : start + size] for start in range(0, len(ranked), size)]

@@ -100,9 +100,16 @@ def convert(name: str, model_cache: str | None = None, log: Callable[[str], None
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    weights = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # conversion takes a while: show its bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        weights = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    finally:
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
     # A model loaded from GGUF carries a quantisation config and refuses save_pretrained; its
     # weights are already dequantised, so dropping the config loses nothing.
     if hasattr(weights.config, "quantization_config"):

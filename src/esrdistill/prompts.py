@@ -23,9 +23,21 @@ class PromptStyle:
     suffix: str = ""  # text after the generation prompt
 
 
+def fill(template: str, problem: Problem) -> str:
+    """Replace {answer}, {prompt} and {FIELD} for every field of the problem's row (and of a
+    reasoning-gym entry's metadata, e.g. {answer_cot} of gsm_symbolic) by its value. Other braces
+    are left alone, so LaTeX like \\boxed{} survives."""
+    fields = {**problem.row.get("metadata", {}), **problem.row} if isinstance(problem.row.get("metadata"), dict) else dict(problem.row)
+    fields.update(prompt=problem.prompt, answer=problem.answer)
+    for key, value in fields.items():
+        if isinstance(value, (str, int, float)) and "{" + str(key) + "}" in template:
+            template = template.replace("{" + str(key) + "}", str(value))
+    return template
+
+
 def fewshot_turns(examples: list[Problem], template: str, answer_template: str) -> tuple[tuple[str, str], ...]:
-    """Worked examples as (user, assistant) pairs; answer_template's {answer} is the row's answer."""
-    return tuple((template.replace("{prompt}", p.prompt), answer_template.replace("{answer}", str(p.answer))) for p in examples)
+    """Worked examples as (user, assistant) pairs; answer_template is filled from the example's row."""
+    return tuple((template.replace("{prompt}", p.prompt), fill(answer_template, p)) for p in examples)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, problem_prompt: str, style: PromptStyle) -> str:

@@ -144,19 +144,23 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
             # ---- 2-4. per micro-batch: teacher scores, student loss, backward ----------------------
             student.train()
-            sums = {"loss": 0.0, "kl_reverse": 0.0, "kl_sampled": 0.0, "agree": 0.0, "teacher_entropy": 0.0}
-            starts = list(range(0, len(rows), cfg.micro_batch_size))
-            for i, start in enumerate(starts):
-                sl = slice(start, start + cfg.micro_batch_size)
-                tokens, mask = batch.responses[sl].to(device), batch.mask[sl].to(device)  # (b, T)
+            sums = {"loss": 0.0, "kl_reverse": 0.0, "kl_sampled": 0.0, "agree": 0.0, "teacher_entropy": 0.0,
+                    "prompt_tokens": float(sum(len(p) for p in student_prompts))}
+            groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
+            for i, idx in enumerate(groups):
+                width = int(batch.lengths[idx].max())  # drop the padding past this group's longest response
+                responses, mask_cpu = batch.responses[idx, :width], batch.mask[idx, :width]  # (b, T')
+                group_student_prompts = [student_prompts[j] for j in idx]
+                group_teacher_prompts = [teacher_prompts[j] for j in idx]
+                tokens, mask = responses.to(device), mask_cpu.to(device)
                 with timer("teacher"):
-                    teacher_logp = teacher_scoring.score(  # (b, T, V), no grad
-                        pair.teacher, teacher_prompts[sl], batch.responses[sl], batch.mask[sl], pad_id, pair.vocab_size, teacher_micro
+                    teacher_logp = teacher_scoring.score(  # (b, T', V), no grad
+                        pair.teacher, group_teacher_prompts, responses, mask_cpu, pad_id, pair.vocab_size, teacher_micro
                     )
                 with timer("train"):
-                    sync = accelerator.no_sync(student) if i < len(starts) - 1 else nullcontext()
+                    sync = accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext()
                     with sync:
-                        logits = rollout.response_logits(student, student_prompts[sl], batch.responses[sl], batch.mask[sl], pad_id)
+                        logits = rollout.response_logits(student, group_student_prompts, responses, mask_cpu, pad_id)
                         student_logp = teacher_scoring.log_probs(logits, pair.vocab_size)  # (b, T, V) fp32
                         per_token = losses.per_token_loss(cfg.loss, student_logp, teacher_logp, tokens, mask, cfg.jsd_beta)
                         loss = losses.reduce_loss(per_token, mask, cfg.loss_norm, denominator)
@@ -194,6 +198,8 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 "rollout/len_mean": lengths.float().mean().item(),
                 "rollout/eos_frac": ended.float().mean().item(),
                 "rollout/tokens": int(tokens_global),
+                "rollout/prompt_tokens": int(totals["prompt_tokens"]),
+                "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
                 "optim/lr": lr,
                 "optim/grad_norm": float(grad_norm),
             }

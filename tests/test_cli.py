@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from conftest import tiny_overrides
+from esrdistill import bench, cli
+
+
+def test_eval_command_reports_accuracy_and_writes_json(tiny_dirs, tmp_path, capsys):
+    student, teacher = tiny_dirs
+    values = tiny_overrides(student, teacher, tmp_path / "run", eval_prompts=5)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", *args, "--view", "teacher", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 5 and len(result["samples"]) == 5 and 0.0 <= result["accuracy"] <= 1.0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_with_the_message(capsys):
+    assert cli.main(["train", "rollout_token=5"]) == 2
+    assert "did you mean 'rollout_tokens'" in capsys.readouterr().err
+    assert cli.main(["train", "rollout_tokens=0"]) == 2
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["train", f"student={tmp_path / 'nope'}", f"run_dir={tmp_path / 'r'}", "device=cpu"])
+    assert code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_config_lists_every_key(capsys):
+    assert cli.main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout_tokens = 100" in out and "ESR's K" in out
+
+
+def test_bench_summary_skips_the_warm_up_step():
+    step = lambda s, t: {"time/rollout_s": s, "time/teacher_s": 1.0, "time/train_s": 2.0, "time/step_s": s + 3,
+                         "rollout/tokens": t, "rollout/len_mean": t / 2, "rollout/eos_frac": 0.0, "mem/peak_mb": 100.0 + t}
+    summary = bench.summarise([step(10.0, 8), step(2.0, 4), step(4.0, 6)])
+    assert summary["rollout_s"] == pytest.approx(3.0) and summary["tokens"] == pytest.approx(5.0)
+    assert summary["peak_mb"] == 108.0 and summary["steps_measured"] == 2
+    text = bench.table({"a": summary, "b": {**summary, "step_s": summary["step_s"] * 2}})
+    assert "| step s | 6.00 | 12.00 | 2.0x |" in text
