@@ -71,7 +71,8 @@ def _final_state(run_dir):
 @pytest.mark.parametrize("lora_r", [4, 0])
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_dirs, tmp_path, monkeypatch, lora_r):
     student, teacher = tiny_dirs
-    common = dict(steps=5, lora_r=lora_r, lr=5e-3, temperature=1.0, warmup_ratio=0.2, lora_dropout=0.1 if lora_r else 0.0)
+    common = dict(steps=5, lora_r=lora_r, lr=5e-3, temperature=1.0, warmup_ratio=0.2, lora_dropout=0.1 if lora_r else 0.0,
+                  eval_every=2)
     straight = tmp_path / "straight"
     train(make_config(tiny_overrides(student, teacher, straight, **common)))
 
@@ -101,6 +102,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_dirs, tmp_path, monk
     losses_a = [m["loss"] for m in tracking.read_metrics(straight)]
     losses_b = [m["loss"] for m in tracking.read_metrics(resumed)]
     assert losses_a == losses_b
+    assert json.loads((straight / "summary.json").read_text()) == json.loads((resumed / "summary.json").read_text())
 
 
 def test_micro_batch_size_does_not_change_training(tiny_dirs, tmp_path):

@@ -15,13 +15,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from esrdistill import build, checkpoint, losses, order, rollout, teacher as teacher_scoring
-from esrdistill.config import Config, ConfigError, save_config
+from esrdistill.config import Config, ConfigError, save_config, to_dict
 from esrdistill.data import DataError
 from esrdistill.evaluate import evaluate
 from esrdistill.tracking import MetricsLogger, PhaseTimer, peak_memory_mb, read_metrics, reset_peak_memory
@@ -60,7 +61,7 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+def _prepare_run_dir(cfg: Config, is_main: bool, log) -> Path:
     run_dir = Path(cfg.run_dir)
     if is_main:
         has_run = (run_dir / "metrics.jsonl").exists() or checkpoint.checkpoints_root(run_dir).exists()
@@ -68,6 +69,11 @@ def _prepare_run_dir(cfg: Config, is_main: bool) -> Path:
             raise FileExistsError(
                 f"run_dir {run_dir} already holds a run: pass resume=true to continue it, or choose another run_dir"
             )
+        if cfg.resume and (run_dir / "config.yaml").is_file():
+            before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v)
+            if changed:
+                log(f"Warning: resuming with changed settings: {', '.join(changed)}")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     return run_dir
@@ -87,7 +93,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     device, is_main = accelerator.device, accelerator.is_main_process
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    run_dir = _prepare_run_dir(cfg, is_main)
+    run_dir = _prepare_run_dir(cfg, is_main, log)
     set_seed(cfg.seed)
 
     # ---- models, data, prompts -------------------------------------------------------------------
@@ -117,9 +123,12 @@ def train(cfg: Config, log=tqdm.write) -> Path:
         if is_main:
             _trim_metrics(run_dir, start_step)
             log(f"Resumed from {found} (step {start_step})")
-    logger = MetricsLogger(run_dir, vars(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
+    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
     teacher_micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     best = {"step": None, "accuracy": -1.0}
+    for m in read_metrics(run_dir) if is_main else []:  # evaluations before a resume still count
+        if m.get("eval/accuracy", -1.0) > best["accuracy"]:
+            best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
     last_saved = start_step
@@ -203,7 +212,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 "optim/lr": lr,
                 "optim/grad_norm": float(grad_norm),
             }
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if cfg.eval_every and eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
                     if is_main:
                         result = evaluate(plain_student, pair.tokenizer, eval_set.student_ids, eval_set.problems, grade,
