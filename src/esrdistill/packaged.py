@@ -127,6 +127,8 @@ def convert(name: str, model_cache: str | None = None, log: Callable[[str], None
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
+    if cache_root(model_cache) in gguf_path.parents:  # a GGUF we assembled only to convert it
+        gguf_path.unlink(missing_ok=True)
     log(f"Saved packaged:{name} to {target}")
     return target
 

@@ -147,14 +147,14 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             with timer("rollout"):
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
                 batch = rollout.sample(plain_student, student_prompts, rollout_len, cfg.temperature, cfg.top_p, pair.eos_ids, pad_id)
-            mask_all = batch.mask  # (B, T)
-            tokens_global = accelerator.reduce(mask_all.sum().to(device), "sum").item()
+            tokens_global = accelerator.reduce(batch.mask.sum().to(device), "sum").item()  # counted tokens, all processes
             denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else tokens_global
 
             # ---- 2-4. per micro-batch: teacher scores, student loss, backward ----------------------
             student.train()
             sums = {"loss": 0.0, "kl_reverse": 0.0, "kl_sampled": 0.0, "agree": 0.0, "teacher_entropy": 0.0,
-                    "prompt_tokens": float(sum(len(p) for p in student_prompts))}
+                    "prompt_tokens": float(sum(len(p) for p in student_prompts)),
+                    "ended": (torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & batch.mask.bool()).any(-1).sum().item()}
             groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
             for i, idx in enumerate(groups):
                 width = int(batch.lengths[idx].max())  # drop the padding past this group's longest response
@@ -196,16 +196,14 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
             # ---- 6. log, evaluate, checkpoint ------------------------------------------------------
             totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
-            lengths = mask_all.sum(-1)
-            ended = (torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & mask_all.bool()).any(-1)  # (B,)
             metrics = {
                 "loss": totals["loss"],
                 "kl/reverse": totals["kl_reverse"] / max(tokens_global, 1),
                 "kl/sampled": totals["kl_sampled"] / max(tokens_global, 1),
                 "teacher/entropy": totals["teacher_entropy"] / max(tokens_global, 1),
                 "agree/top1": totals["agree"] / max(tokens_global, 1),
-                "rollout/len_mean": lengths.float().mean().item(),
-                "rollout/eos_frac": ended.float().mean().item(),
+                "rollout/len_mean": tokens_global / cfg.batch_size,
+                "rollout/eos_frac": totals["ended"] / cfg.batch_size,  # rollouts that ended before K
                 "rollout/tokens": int(tokens_global),
                 "rollout/prompt_tokens": int(totals["prompt_tokens"]),
                 "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
