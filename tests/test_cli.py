@@ -13,8 +13,21 @@ def test_eval_command_reports_accuracy_and_writes_json(tiny_dirs, tmp_path, caps
     out = tmp_path / "eval.json"
     assert cli.main(["eval", *args, "--view", "teacher", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["n"] == 5 and len(result["samples"]) == 5 and 0.0 <= result["accuracy"] <= 1.0
-    assert "accuracy" in capsys.readouterr().out
+    assert result["n_problems"] == 5 and len(result["problems"]) == 5 and 0.0 <= result["accuracy"] <= 1.0
+    assert out.with_suffix(".md").read_text().startswith("### ")
+    assert "avg@1" in capsys.readouterr().out
+
+
+def test_eval_with_samples_reports_maj_and_pass(tiny_dirs, tmp_path, capsys):
+    student, teacher = tiny_dirs
+    values = tiny_overrides(student, teacher, tmp_path / "run", eval_prompts=3, eval_samples=4, eval_temperature=1.0)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", *args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples_per_problem"] == 4 and all(len(p["responses"]) == 4 for p in result["problems"])
+    text = capsys.readouterr().out
+    assert "maj@4" in text and "pass@4" in text
 
 
 def test_config_errors_exit_2_with_the_message(capsys):
@@ -43,3 +56,8 @@ def test_bench_summary_skips_the_warm_up_step():
     assert summary["peak_mb"] == 108.0 and summary["steps_measured"] == 2
     text = bench.table({"a": summary, "b": {**summary, "step_s": summary["step_s"] * 2}})
     assert "| step s | 6.00 | 12.00 | 2.0x |" in text
+
+
+def test_diagnose_rejects_bad_prefixes(tmp_path, capsys):
+    assert cli.main(["diagnose", "--out", str(tmp_path / "d"), "--prefixes", "0,ten"]) == 2
+    assert "--prefixes takes comma-separated token counts" in capsys.readouterr().err

@@ -46,6 +46,9 @@ def test_unknown_key_names_it_and_suggests_the_closest():
         ("dtype=fp8", "dtype must be one of"),
         ("prompt_template=no placeholder", "must contain {prompt}"),
         ("steps=null", "steps cannot be null"),
+        ("eval_samples=4", "eval_samples > 1 needs eval_temperature > 0"),
+        ("grader=fancy", "grader must be one of auto, reasoning_gym, math, exact or module:function"),
+        ("answer_extract=first", "answer_extract must be one of"),
     ],
 )
 def test_bad_values_say_what_is_allowed(override, message):

@@ -64,3 +64,43 @@ def test_reference_with_a_worked_solution_is_graded_on_its_last_box():
     problem = Problem("?", r"First 2+2=4, so the answer is \boxed{4}.")
     assert grade(r"\boxed{4}", problem)
     assert not grade(r"\boxed{5}", problem)
+
+
+def test_lenient_accepts_the_right_answer_anywhere():
+    task = Task(name="t", train=[], eval=[], fewshot=[])
+    strict = make_grader(task, "math", "boxed_last")
+    lenient = make_grader(task, "math", "lenient")
+    problem = Problem("?", "12")
+    response = r"So \boxed{12}. Check: \boxed{12} \boxed{13}"  # a repeated box whose last copy is wrong
+    assert not strict(response, problem)
+    assert lenient(response, problem)
+    assert make_grader(task, "math", "boxed_first")(response, problem)
+    assert not lenient("nothing here", problem) and not lenient("", problem)
+
+
+def test_custom_grader_named_module_function(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    grade = make_grader(Task(name="t", train=[], eval=[], fewshot=[]), "custom_grader:close_enough", "last_number")
+    assert grade("about 3.4", Problem("?", "3"))
+    assert not grade("about 3.6", Problem("?", "3"))
+    assert grade.check("3.2", Problem("?", "3"))
+
+
+def test_custom_grader_that_does_not_exist_is_a_clear_error():
+    from esrdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        make_grader(Task(name="t", train=[], eval=[], fewshot=[]), "no_such_module:fn", "tag")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        make_grader(Task(name="t", train=[], eval=[], fewshot=[]), "math:nope", "tag")
+
+
+def test_answer_markers_count_repeats():
+    from esrdistill.grading import answer_markers
+
+    assert answer_markers(r"\boxed{1} and \boxed{1}", "boxed_last") == 2
+    assert answer_markers("<answer>1</answer>", "tag") == 1
+    assert answer_markers(r"<answer>1</answer> \boxed{2}", "lenient") == 2

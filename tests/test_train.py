@@ -36,7 +36,9 @@ def test_cli_train_writes_metrics_checkpoints_and_final(tiny_dirs, tmp_path):
         assert m["rollout/tokens"] <= 4 * 8
         assert m["loss"] >= 0 and m["kl/reverse"] >= 0
     assert metrics[0]["optim/lr"] == pytest.approx(1e-2)  # warmup of int(0.1 * 3) = 0 steps
-    assert {"eval/accuracy", "eval/n", "eval/ci95_low"} <= set(metrics[-1]) and metrics[-1]["eval/n"] == 4
+    assert {"eval/accuracy", "eval/n", "eval/accuracy_ci_low", "eval/pass@1", "eval/maj@1", "eval/cut_frac", "eval/repeated_answer_frac", "eval/ngram_rep"} <= set(metrics[-1])
+    assert metrics[-1]["eval/n"] == 4 and metrics[-1]["eval/best_step"] == 3
+    assert (run / "eval" / "step_0000003.json").is_file() and (run / "eval" / "step_0000003.md").is_file()
     assert "eval/accuracy" not in metrics[0]
 
     saved = yaml.safe_load((run / "config.yaml").read_text())

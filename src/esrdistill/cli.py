@@ -36,15 +36,32 @@ def cmd_eval(args) -> int:
 
     path, overrides = _split_config_args(args.args)
     cfg = load_config(path, overrides)
-    result = run_eval(cfg, model=args.model or cfg.student, view=args.view, progress=cfg.progress)
-    lo, hi = result.ci95
-    print(f"{args.model or cfg.student} on {cfg.dataset} ({args.view} prompt): accuracy {result.accuracy:.3f} "
-          f"({result.correct}/{result.n}, 95% CI {lo:.3f}-{hi:.3f}), mean length {result.mean_len:.1f} tokens, "
-          f"{result.cut_frac:.0%} cut at the length limit")
+    model = args.model or cfg.student
+    result = run_eval(cfg, model=model, view=args.view, progress=cfg.progress)
+    title = f"{model} on {cfg.dataset} ({args.view} prompt)"
+    print(result.markdown(title))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
-        print(f"wrote {args.out}")
+        json_path, md_path = result.save(args.out, title)
+        print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from esrdistill.diagnose import DiagnoseOptions, diagnose
+
+    path, overrides = _split_config_args(args.args)
+    for key in ("teacher", "student", "dataset"):
+        if getattr(args, key):
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = load_config(path, overrides)
+    try:
+        prefixes = tuple(int(k) for k in args.prefixes.split(","))
+    except ValueError:
+        raise ConfigError(f"--prefixes takes comma-separated token counts, got '{args.prefixes}'") from None
+    options = DiagnoseOptions(out=args.out, student_after=args.student_after, problems=args.problems, prefixes=prefixes,
+                              bucket=args.bucket, k=args.k, decay_fraction=args.decay_fraction,
+                              share_target=args.share_target, top_frac=args.top_frac)
+    diagnose(cfg, options)
     return 0
 
 
@@ -89,8 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to evaluate (default: the config's student)")
     p.add_argument("--view", choices=("student", "teacher"), default="student",
                    help="prompt the model as the student or as the teacher (teacher_fewshot, suffix)")
-    p.add_argument("--out", help="write the result with every response to this JSON file")
+    p.add_argument("--out", help="write the result with every response to this JSON file (and a .md table beside it)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="teacher decay, per-position KL, cascading alignment, sub-mode commitment, a K")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value", help="config giving prompts, grader, lengths")
+    p.add_argument("--teacher", help="teacher model (overrides the config)")
+    p.add_argument("--student", help="student model (overrides the config)")
+    p.add_argument("--dataset", help="dataset (overrides the config)")
+    p.add_argument("--student-after", help="a second student, e.g. RUN_DIR/final, for cascading alignment")
+    p.add_argument("--out", required=True, help="output directory for diagnostics.json, report.md and plots")
+    p.add_argument("--problems", type=int, default=32, help="held-out problems to roll out on (default 32)")
+    p.add_argument("--prefixes", default="0,25,50,100,200", help="prefix lengths k of the decay analysis")
+    p.add_argument("--bucket", type=int, default=25, help="positions per bucket of the profile (default 25)")
+    p.add_argument("--k", type=int, help="the K to mark on plots (default: the config's rollout_tokens)")
+    p.add_argument("--decay-fraction", type=float, default=0.9, help="decay rule threshold (default 0.9)")
+    p.add_argument("--share-target", type=float, default=0.5, help="KL-share rule threshold (default 0.5)")
+    p.add_argument("--top-frac", type=float, default=0.1, help="highest-KL token fraction for sub-mode commitment")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("quickstart", help="the embedded default end to end on packaged models (CPU, ~10 min)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change the embedded default's config")

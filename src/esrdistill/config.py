@@ -22,7 +22,7 @@ LOSSES = ("reverse_kl", "forward_kl", "jsd", "sampled")
 LOSS_NORMS = ("trajectory", "token")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GRADERS = ("auto", "reasoning_gym", "math", "exact")
-ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "none")
+ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "lenient", "none")
 
 
 class ConfigError(UserError, ValueError):
@@ -79,9 +79,12 @@ class Config:
 
     # ---- evaluation, checkpoints, output ------------------------------------------------------
     eval_every: int = 50  # evaluate the student every N steps and at the end; 0 = never
-    eval_batch_size: int = 16  # prompts per generate call during evaluation
-    grader: str = "auto"  # auto | reasoning_gym | math | exact
-    answer_extract: str = "tag"  # tag (<answer>..</answer>) | boxed_last | boxed_first | last_number | none
+    eval_batch_size: int = 16  # sequences per generate call during evaluation
+    eval_samples: int = 1  # samples per problem: avg@n, maj@n, pass@n (n > 1 needs eval_temperature > 0)
+    eval_temperature: float = 0.0  # 0 = greedy (pass@1); the paper: 0.7 with 4 samples
+    eval_top_p: float = 1.0  # nucleus sampling of evaluation samples
+    grader: str = "auto"  # auto | reasoning_gym | math | exact | module:function (your fn(answer, reference, row))
+    answer_extract: str = "tag"  # tag (<answer>..</answer>) | boxed_last | boxed_first | last_number | lenient (right answer anywhere) | none
     save_every: int = 50  # checkpoint every N steps; 0 = only on interruption
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     run_dir: str = "runs/esr"  # where config.yaml, metrics.jsonl, checkpoints/ and final/ go
@@ -181,7 +184,11 @@ def validate(cfg: Config) -> Config:
     need(cfg.max_prompt_tokens is None or cfg.max_prompt_tokens > 0, f"max_prompt_tokens must be > 0 or null, got {cfg.max_prompt_tokens}")
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
     need(cfg.eval_batch_size > 0, f"eval_batch_size must be > 0, got {cfg.eval_batch_size}")
-    need(cfg.grader in GRADERS, f"grader must be one of {', '.join(GRADERS)}, got '{cfg.grader}'")
+    need(cfg.grader in GRADERS or ":" in cfg.grader, f"grader must be one of {', '.join(GRADERS)} or module:function, got '{cfg.grader}'")
+    need(cfg.eval_samples >= 1, f"eval_samples must be >= 1, got {cfg.eval_samples}")
+    need(cfg.eval_temperature >= 0, f"eval_temperature must be >= 0 (0 = greedy), got {cfg.eval_temperature}")
+    need(cfg.eval_samples == 1 or cfg.eval_temperature > 0, "eval_samples > 1 needs eval_temperature > 0 (greedy samples are all the same)")
+    need(0 < cfg.eval_top_p <= 1, f"eval_top_p must be in (0, 1], got {cfg.eval_top_p}")
     need(cfg.answer_extract in ANSWER_EXTRACTS, f"answer_extract must be one of {', '.join(ANSWER_EXTRACTS)}, got '{cfg.answer_extract}'")
     need(cfg.save_every >= 0, f"save_every must be >= 0 (0 = only on interruption), got {cfg.save_every}")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")

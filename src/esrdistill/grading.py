@@ -1,14 +1,24 @@
-"""Answer extraction and graders: response text + problem -> correct or not."""
+"""Answer extraction and graders.
+
+A Grader splits grading in two, so that majority voting can grade a voted answer:
+    extract(response) -> answer or None      (how the answer is found in the text)
+    check(answer, problem) -> bool           (whether that answer is right)
+    grader(response, problem) -> bool        (both; in lenient mode, any answer in the text counts)
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from esrdistill.config import ConfigError
 from esrdistill.data import Problem, Task
 
 _TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+BUILTIN_GRADERS = ("auto", "reasoning_gym", "math", "exact")
 
 
 def boxed_contents(text: str) -> list[str]:
@@ -32,24 +42,55 @@ def boxed_contents(text: str) -> list[str]:
     return found
 
 
+def tag_contents(text: str) -> list[str]:
+    """Contents of every <answer>...</answer>, in order."""
+    return [m.strip() for m in _TAG.findall(text)]
+
+
+def numbers(text: str) -> list[str]:
+    return [n.replace(",", "") for n in _NUMBER.findall(text)]
+
+
 def extract_answer(text: str, mode: str) -> str | None:
     """The answer a response gives, or None when it gives none in that form.
 
     tag: the last <answer>...</answer> (reasoning-gym's format); boxed_last / boxed_first: the last /
-    first \\boxed{...}; last_number: the last number in the text; none: the stripped text.
+    first \\boxed{...}; last_number: the last number in the text; none: the stripped text;
+    lenient: the last tag, else the last box, else the last number (lenient grading also accepts
+    any other answer in the text, see Grader).
     """
     if mode == "tag":
-        found = _TAG.findall(text)
-        return found[-1].strip() if found else None
+        found = tag_contents(text)
+        return found[-1] if found else None
     if mode in ("boxed_last", "boxed_first"):
         found = boxed_contents(text)
         return (found[-1] if mode == "boxed_last" else found[0]).strip() if found else None
     if mode == "last_number":
-        found = _NUMBER.findall(text)
-        return found[-1].replace(",", "") if found else None
+        found = numbers(text)
+        return found[-1] if found else None
     if mode == "none":
         return text.strip()
+    if mode == "lenient":
+        for found in (tag_contents(text), [b.strip() for b in boxed_contents(text)], numbers(text)):
+            if found:
+                return found[-1]
+        return None
     raise ValueError(f"unknown answer_extract mode '{mode}'")
+
+
+def all_answers(text: str) -> list[str]:
+    """Every candidate answer in a response (tags, boxes, numbers): what lenient grading tries."""
+    return tag_contents(text) + [b.strip() for b in boxed_contents(text)] + numbers(text)
+
+
+def answer_markers(text: str, mode: str) -> int:
+    """How many answer markers a response holds: \\boxed{} for boxed modes, <answer> tags for tag mode,
+    both otherwise. More than one is the repetition the paper found behind a 'collapse'."""
+    if mode.startswith("boxed"):
+        return len(boxed_contents(text))
+    if mode == "tag":
+        return len(tag_contents(text))
+    return len(boxed_contents(text)) + len(tag_contents(text))
 
 
 def reference_answer(reference: str) -> str:
@@ -69,26 +110,62 @@ def math_equal(answer: str, reference: str) -> bool:
     return answer.strip() == reference.strip()
 
 
-def make_grader(task: Task, grader: str, answer_extract: str) -> Callable[[str, Problem], bool]:
-    """A function (response text, problem) -> correct, for the task's kind of answers.
+def load_callable(spec: str) -> Callable:
+    """'package.module:function' -> the function, or a ValueError saying what is missing."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"grader '{spec}': cannot import module '{module_name}': {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"grader '{spec}': module '{module_name}' has no function '{attr}'")
+    return fn
 
-    auto: reasoning-gym's own score_answer for its tasks, math-verify otherwise.
-    """
+
+@dataclass
+class Grader:
+    """kind: reasoning_gym | math | exact | custom; mode: an answer_extract mode."""
+
+    kind: str
+    mode: str
+    source: Any = None  # the reasoning-gym dataset, for its score_answer
+    custom: Callable | None = None  # fn(answer, reference, row) -> bool, or a score with 1.0 = right
+
+    def extract(self, response: str) -> str | None:
+        return extract_answer(response, self.mode)
+
+    def check(self, answer: str | None, problem: Problem) -> bool:
+        if answer is None:
+            return False
+        if self.kind == "custom":
+            result = self.custom(answer, problem.answer, problem.row)
+            return float(result) >= 1.0 if isinstance(result, float) else bool(result)
+        if problem.answer is None:
+            return False
+        if self.kind == "reasoning_gym":
+            return float(self.source.score_answer(answer, problem.row)) >= 1.0
+        reference = reference_answer(problem.answer)
+        if self.kind == "math":
+            return math_equal(answer, reference)
+        return answer.strip() == reference
+
+    def __call__(self, response: str, problem: Problem) -> bool:
+        if self.mode == "lenient":  # the right answer anywhere in the response
+            return any(self.check(candidate, problem) for candidate in dict.fromkeys(all_answers(response)))
+        return self.check(self.extract(response), problem)
+
+
+def make_grader(task: Task, grader: str, answer_extract: str) -> Grader:
+    """The grader for a task. auto: reasoning-gym's own score_answer for its tasks, math-verify
+    otherwise. 'module:function' names your own function fn(answer, reference, row)."""
+    if ":" in grader:
+        return Grader("custom", answer_extract, custom=load_callable(grader))
+    if grader not in BUILTIN_GRADERS:
+        raise ConfigError(f"grader must be one of {', '.join(BUILTIN_GRADERS)} or module:function, got '{grader}'")
     kind = grader
     if kind == "auto":
         kind = "reasoning_gym" if task.is_reasoning_gym else "math"
     if kind == "reasoning_gym" and not task.is_reasoning_gym:
-        raise ValueError("grader=reasoning_gym needs a reasoning_gym:TASK dataset")
-
-    def grade(response: str, problem: Problem) -> bool:
-        answer = extract_answer(response, answer_extract)
-        if answer is None or problem.answer is None:
-            return False
-        if kind == "reasoning_gym":
-            return float(task.source.score_answer(answer, problem.row)) >= 1.0
-        reference = reference_answer(problem.answer)
-        if kind == "math":
-            return math_equal(answer, reference)
-        return answer.strip() == reference
-
-    return grade
+        raise ConfigError("grader=reasoning_gym needs a reasoning_gym:TASK dataset")
+    return Grader(kind, answer_extract, source=task.source)

@@ -21,8 +21,10 @@ DEFAULT_CONFIG = files("esrdistill") / "configs" / "quickstart.yaml"
 
 
 def _line(name: str, r: EvalResult) -> str:
-    lo, hi = r.ci95
-    return f"| {name} | {r.accuracy:.1%} ({r.correct}/{r.n}) | {lo:.1%}-{hi:.1%} | {r.mean_len:.1f} |"
+    lo, hi = r.accuracy_ci
+    correct = sum(sum(p.correct) for p in r.problems)
+    total = sum(len(p.correct) for p in r.problems)
+    return f"| {name} | {r.accuracy:.1%} ({correct}/{total}) | {lo:.1%}-{hi:.1%} | {r.len_mean:.1f} | {r.cut_frac:.0%} |"
 
 
 def quickstart(overrides: list[str] | None = None) -> dict:
@@ -65,8 +67,8 @@ def quickstart(overrides: list[str] | None = None) -> dict:
     phases = {phase: sum(m.get(f"time/{phase}_s", 0.0) for m in metrics) for phase in ("rollout", "teacher", "train")}
     per_step = {phase: total / max(len(metrics), 1) for phase, total in phases.items()}
     table = "\n".join([
-        "| model | accuracy | 95% CI | mean length (tokens) |",
-        "|---|---|---|---|",
+        "| model | accuracy | 95% CI | mean length (tokens) | cut at the limit |",
+        "|---|---|---|---|---|",
         _line("teacher (with worked examples)", teacher_before),
         _line("student before", student_before),
         _line("student after ESR", student_after),
@@ -87,7 +89,7 @@ def quickstart(overrides: list[str] | None = None) -> dict:
 
     report = {
         "dataset": cfg.dataset,
-        "eval_problems": student_after.n,
+        "eval_problems": student_after.n_problems,
         "teacher_before": teacher_before.to_dict(),
         "student_before": student_before.to_dict(),
         "student_after": student_after.to_dict(),

@@ -214,10 +214,13 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 with timer("eval"):
                     if is_main:
                         result = evaluate(plain_student, pair.tokenizer, eval_set.student_ids, eval_set.problems, grade,
-                                          pair.eos_ids, cfg.max_new_tokens, cfg.eval_batch_size, progress=cfg.progress)
+                                          pair.eos_ids, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_samples,
+                                          cfg.eval_temperature, cfg.eval_top_p, progress=cfg.progress)
+                        result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
                         metrics.update(result.metrics("eval"))
                         if result.accuracy > best["accuracy"]:
                             best = {"step": done, "accuracy": result.accuracy}
+                        metrics["eval/best_step"] = best["step"]
                     accelerator.wait_for_everyone()
             if cfg.save_every and done % cfg.save_every == 0:
                 with timer("save"):
