@@ -163,3 +163,18 @@ def test_diagnose_on_tiny_models_writes_every_analysis_and_valid_pngs(tiny_dirs,
     report = (out / "report.md").read_text()
     for heading in ("1. Teacher decay", "2. Per-position profile", "3. Cascading alignment", "4. Sub-mode commitment", "5. Recommended K"):
         assert heading in report
+
+
+def test_bad_options_are_config_errors():
+    from esrdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--bucket must be >= 1"):
+        DiagnoseOptions(out="x", bucket=0)
+    with pytest.raises(ConfigError, match="--top-frac"):
+        DiagnoseOptions(out="x", top_frac=0.0)
+
+
+def test_json_safe_replaces_nan():
+    from esrdistill.diagnose import _json_safe
+
+    assert _json_safe({"a": [1.0, float("nan")], "b": (float("inf"), "x")}) == {"a": [1.0, None], "b": [None, "x"]}

@@ -243,8 +243,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
-def describe_fields() -> str:
-    """One line per field: name, default, and the comment from this file (for --help-config)."""
+def field_comments() -> dict[str, str]:
+    """The one-line comment of every field, read from this file's source (the single place they live)."""
     import inspect
 
     comments: dict[str, str] = {}
@@ -254,5 +254,10 @@ def describe_fields() -> str:
             name = stripped.split(":", 1)[0].strip()
             if name in FIELDS:
                 comments[name] = stripped.split("#", 1)[1].strip()
-    defaults = to_dict(Config())
+    return comments
+
+
+def describe_fields() -> str:
+    """One line per field: name, default, and its comment (for --help-config)."""
+    comments, defaults = field_comments(), to_dict(Config())
     return "\n".join(f"{name} = {defaults[name]!r}\n    {comments.get(name, '')}" for name in FIELDS)

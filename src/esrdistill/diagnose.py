@@ -11,6 +11,7 @@ Writes diagnostics.json, report.md and one PNG per analysis to the output direct
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from esrdistill import build, diagnostics, models, rollout, teacher as teacher_scoring
-from esrdistill.config import Config
+from esrdistill.config import Config, ConfigError
+from esrdistill.data import DataError
 from esrdistill.evalstats import wilson_interval
 
 
@@ -35,6 +37,17 @@ class DiagnoseOptions:
     decay_fraction: float = 0.9  # decay rule: keep this fraction of the teacher's own accuracy
     share_target: float = 0.5  # share rule: the first K tokens hold this share of the KL
     top_frac: float = 0.1  # sub-mode commitment looks at this fraction of highest-KL tokens
+
+    def __post_init__(self):
+        checks = [(self.problems >= 1, f"--problems must be >= 1, got {self.problems}"),
+                  (self.bucket >= 1, f"--bucket must be >= 1, got {self.bucket}"),
+                  (all(k >= 0 for k in self.prefixes), f"--prefixes must be >= 0, got {self.prefixes}"),
+                  (0 < self.decay_fraction <= 1, f"--decay-fraction must be in (0, 1], got {self.decay_fraction}"),
+                  (0 < self.share_target <= 1, f"--share-target must be in (0, 1], got {self.share_target}"),
+                  (0 < self.top_frac <= 1, f"--top-frac must be in (0, 1], got {self.top_frac}")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 def generate_all(model, prompts, max_new_tokens, temperature, top_p, eos_ids, pad_id, batch_size, desc, progress):
@@ -102,6 +115,17 @@ def _profile_summary(stats, mask, width):
     return {"bucket_width": width, "bucket_starts": [i * width for i in range(len(counts))], "counts": counts, **buckets}
 
 
+def _json_safe(value):
+    """NaN and infinities (an empty bucket's mean) become null, so any JSON reader takes the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     """Run the five analyses; write diagnostics.json, report.md and the plots into options.out."""
     from esrdistill import plots
@@ -115,7 +139,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     task = build.task(cfg)
     problems = task.eval[: options.problems]
     if not problems:
-        raise ValueError("no problems to diagnose: set eval_prompts > 0")
+        raise DataError("no problems to diagnose: set eval_prompts > 0 (diagnose uses the held-out problems)")
     ps = build.prompt_set(cfg, pair, task, problems, cfg.max_new_tokens)
     grade = build.grader(cfg, task)
     pad, eos, progress = pair.tokenizer.pad_token_id, pair.eos_ids, cfg.progress
@@ -180,7 +204,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
         "decay": decay, "profile": profile_before, "cascading": cascading, "submode": submode,
         "median_lengths": lengths, "recommendation": recommendation, "seconds": time.perf_counter() - started,
     }
-    (out / "diagnostics.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "diagnostics.json").write_text(json.dumps(_json_safe(result), indent=2))
     (out / "recommended_k.txt").write_text(f"{recommendation['k']}\n{recommendation['reason']}\n")
     pngs = plots.write_all(result, out)
     (out / "report.md").write_text(plots.report_markdown(result, pngs))
