@@ -48,10 +48,6 @@ class EvalResult:
     ngram_repetition: float  # mean fraction of repeated 4-grams per response
     problems: list[ProblemResult] = field(default_factory=list, repr=False)
 
-    @property
-    def n(self) -> int:
-        return self.n_problems
-
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         k = self.samples_per_problem
         return {
