@@ -61,3 +61,36 @@ def test_bench_summary_skips_the_warm_up_step():
 def test_diagnose_rejects_bad_prefixes(tmp_path, capsys):
     assert cli.main(["diagnose", "--out", str(tmp_path / "d"), "--prefixes", "0,ten"]) == 2
     assert "--prefixes takes comma-separated token counts" in capsys.readouterr().err
+
+
+def test_a_bad_grader_is_reported_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from esrdistill import build
+
+    monkeypatch.setattr(build, "pair", lambda *a, **k: pytest.fail("models loaded before the grader was checked"))
+    code = cli.main(["train", "grader=no_such_module_xyz:score", f"run_dir={tmp_path / 'r'}", "device=cpu",
+                     "num_prompts=4", "eval_prompts=2"])
+    assert code != 0
+    assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_every_prompt_too_long_names_the_limit_that_bit(tiny_dirs, tmp_path, capsys):
+    student, teacher = tiny_dirs
+    base = tiny_overrides(student, teacher, tmp_path / "a", max_prompt_tokens=5)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in base.items()]
+    assert cli.main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert "every one of the 32 training prompts is too long" in err and "max_prompt_tokens=5" in err
+    base = tiny_overrides(student, teacher, tmp_path / "b", rollout_tokens=1010)  # the tiny models' context: 1024
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in base.items()]
+    assert cli.main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert "the student's context of 1024 tokens minus rollout_tokens=1010" in err
+
+
+def test_diagnose_with_every_problem_too_long_is_a_clear_error(tiny_dirs, tmp_path, capsys):
+    student, teacher = tiny_dirs
+    base = tiny_overrides(student, teacher, tmp_path / "r", max_new_tokens=1020, eval_prompts=4)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in base.items()]
+    assert cli.main(["diagnose", *args, "--out", str(tmp_path / "d"), "--problems", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "every one of the 4 problems to diagnose is too long" in err and "max_new_tokens=1020" in err

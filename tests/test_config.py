@@ -49,6 +49,11 @@ def test_unknown_key_names_it_and_suggests_the_closest():
         ("eval_samples=4", "eval_samples > 1 needs eval_temperature > 0"),
         ("grader=fancy", "grader must be one of auto, reasoning_gym, math, exact or module:function"),
         ("answer_extract=first", "answer_extract must be one of"),
+        ("lr=inf", "lr='inf' is not a finite number"),
+        ("temperature=inf", "temperature='inf' is not a finite number"),
+        ("top_p=nan", "top_p='nan' is not a finite number"),
+        ("teacher_micro_batch=8", "teacher_micro_batch=8 is larger than micro_batch_size=4"),
+        ("max_skipped_steps=0", "max_skipped_steps must be >= 1"),
     ],
 )
 def test_bad_values_say_what_is_allowed(override, message):
@@ -71,3 +76,9 @@ def test_saved_config_loads_back_identical(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/c.yaml")
+
+
+def test_float16_full_finetuning_is_refused_with_the_alternatives():
+    with pytest.raises(ConfigError, match="dtype=float16 with full fine-tuning.*use dtype=bfloat16"):
+        load_config(None, ["dtype=float16", "lora_r=0"])
+    assert load_config(None, ["dtype=float16", "lora_r=8"]).dtype == "float16"

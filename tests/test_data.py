@@ -50,11 +50,39 @@ def test_missing_field_names_the_fields_that_exist(tmp_path):
         load_task(path, prompt_field="problem", eval_prompts=1)
 
 
-def test_empty_dataset_says_so(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text("")
-    with pytest.raises(DataError, match="empty|could not load"):
+@pytest.mark.parametrize("suffix, content", [(".jsonl", ""), (".jsonl", "\n  \n"), (".json", ""), (".csv", "")])
+def test_empty_data_file_says_so(tmp_path, suffix, content):
+    path = tmp_path / f"d{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"data file .*d\.\w+ is empty$"):
         load_task(str(path))
+
+
+def test_malformed_jsonl_line_is_named_by_its_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"question": "c", answer: 3}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3: not valid JSON"):
+        load_task(str(path))
+    path.write_text('{"question": "a"}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"line 2: a row must be a JSON object, got list"):
+        load_task(str(path))
+
+
+def test_rows_without_a_usable_prompt_are_counted(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(8)] + [{"question": 7, "answer": "x"}, {"question": "  "},
+                                                                        {"answer": "no prompt"}]
+    task = load_task(_write_jsonl(tmp_path / "d.jsonl", rows), eval_prompts=2)
+    assert task.skipped == 3 and "not a non-empty string" in task.skipped_why
+    assert len(task.train) + len(task.eval) == 8
+
+
+def test_eval_and_diagnose_need_no_training_rows(tmp_path):
+    """40 rows with the default eval_prompts (64): training refuses, a held-out-only use takes all 40."""
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "answer": str(i)} for i in range(40)])
+    with pytest.raises(DataError, match="leave none for training"):
+        load_task(path, eval_prompts=64)
+    task = load_task(path, eval_prompts=64, need_train=False)
+    assert len(task.eval) == 40 and task.train == []
 
 
 def test_missing_file(tmp_path):
@@ -74,9 +102,11 @@ def test_long_prompts_are_dropped_and_counted_not_truncated():
     style = prompts.PromptStyle(system="S")
     ids = prompts.encode(tok, problems, style)
     limit = len(ids[2])
-    out = prompts.prepare(problems, tok, tok, style, style, student_limit=limit, teacher_limit=10_000)
+    out = prompts.prepare(problems, tok, tok, style, style, prompts.Limit("student", limit, "max_prompt_tokens=X"),
+                          prompts.Limit("teacher", 10_000, "big"))
     assert out.dropped == 1 and [p.answer for p in out.problems] == ["1", "3"]
     assert out.student_ids == [ids[0], ids[2]]  # kept whole
+    assert out.why_dropped.startswith(f"1 student prompts exceed {limit} tokens (max_prompt_tokens=X;")
 
 
 def test_teacher_view_has_fewshot_turns_and_suffix_student_view_does_not():

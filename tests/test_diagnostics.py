@@ -119,15 +119,15 @@ def test_teacher_that_ignores_its_context_gives_a_flat_decay_curve(monkeypatch):
     monkeypatch.setattr(diag, "generate_all", fake_generate_all)
     problems = [Problem("q", "7") for _ in range(4)]
     responses = [tok(f"I think <answer>{d}</answer>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in "1234"]
-    cfg = make_config({"max_new_tokens": 40, "device": "cpu"})
+    sampling = rollout.Sampling(max_new_tokens=40, temperature=0.0, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
     grade = Grader("exact", "tag")
-    acc, texts = prefix_continuation(_ContextFreeTeacher(), [[1]] * 4, responses, [0, 2, 5, 10], cfg, [tok.eos_token_id],
-                                     tok.pad_token_id, tok, grade, problems, False, "t")
+    acc, texts = prefix_continuation(_ContextFreeTeacher(), [[1]] * 4, responses, [0, 2, 5, 10], sampling, 4,
+                                     tok, grade, problems, False, "t")
     assert list(acc.values()) == [1.0, 1.0, 1.0, 1.0]
     assert texts[0][0] == "<answer>7</answer>" and texts[5][0].startswith("I thi")
     # a response that ended within k tokens is graded as it is
-    acc_long, texts_long = prefix_continuation(_ContextFreeTeacher(), [[1]] * 4, responses, [100], cfg, [tok.eos_token_id],
-                                               tok.pad_token_id, tok, grade, problems, False, "t")
+    acc_long, texts_long = prefix_continuation(_ContextFreeTeacher(), [[1]] * 4, responses, [100], sampling, 4,
+                                               tok, grade, problems, False, "t")
     assert acc_long[100] == 0.0 and texts_long[100][0] == "I think <answer>1</answer>"
 
 
@@ -135,7 +135,7 @@ def test_profile_of_identical_models_is_zero_kl_and_agreement_one_at_every_posit
     tok = make_tokenizer()
     model = make_model(len(tok), 4)
     prompts = [[3, 40, 41], [3, 50, 51, 52], [3, 60]]
-    responses = rollout.sample(model, prompts, 10, 1.0, 1.0, [tok.eos_token_id], tok.pad_token_id)
+    responses = rollout.sample(model, prompts, rollout.Sampling(10, 1.0, 1.0, (tok.eos_token_id,), tok.pad_token_id))
     lists = [responses.responses[r, : int(responses.mask[r].sum())].tolist() for r in range(3)]
     stats, mask = profile(model, model, prompts, prompts, lists, tok.pad_token_id, [tok.eos_token_id], len(tok), 2, False, "p")
     counted = mask.bool()

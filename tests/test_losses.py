@@ -68,24 +68,6 @@ def test_jsd_rejects_end_points():
             losses.generalized_jsd(s, t, mask, beta)
 
 
-def test_sampled_loss_gradient_is_kl_estimate_times_score():
-    s_logits = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
-    t = torch.log_softmax(torch.randn(2, 4, 6, dtype=torch.float64), -1)
-    tokens = torch.randint(0, 6, (2, 4))
-    mask = torch.ones(2, 4, dtype=torch.float64)
-    s = torch.log_softmax(s_logits, -1)
-    s_tok, t_tok = losses.token_logp(s, tokens), losses.token_logp(t, tokens)
-    losses.sampled_token_pg(s_tok, t_tok, mask).sum().backward()
-    got = s_logits.grad.clone()
-    # naive: sum_t (log p_s(y_t) - log p_t(y_t)) * d log p_s(y_t) / d logits
-    s_logits.grad = None
-    s = torch.log_softmax(s_logits, -1)
-    s_tok = losses.token_logp(s, tokens)
-    weights = (s_tok - t_tok).detach()
-    (weights * s_tok).sum().backward()
-    assert torch.allclose(got, s_logits.grad, atol=1e-10)
-
-
 def test_token_logp_matches_indexing():
     s, _, tokens, _ = random_case()
     expected = torch.tensor([[s[b, i, tokens[b, i]].item() for i in range(s.shape[1])] for b in range(s.shape[0])], dtype=s.dtype)
@@ -154,3 +136,118 @@ def test_loss_and_gradient_do_not_depend_on_micro_batch_size(name, norm):
         loss, grad = run(micro)
         assert loss == pytest.approx(full_loss, abs=1e-10)
         assert torch.allclose(grad, full_grad, atol=1e-10)
+
+
+# ---- the sampled loss under temperature and top_p: its exact expectation, by enumeration ----------
+
+def naive_nucleus(probs: list[float], top_p: float) -> list[float]:
+    """The top_p distribution by hand: the most likely tokens, one at a time, until their mass reaches
+    top_p (transformers' rule: a token is dropped when the mass of the less likely tokens, itself
+    included, is <= 1 - top_p), renormalised."""
+    order = sorted(range(len(probs)), key=lambda v: probs[v])  # ascending
+    keep, tail = set(), 0.0
+    for rank, v in enumerate(order):
+        tail += probs[v]
+        if tail > 1 - top_p or rank == len(order) - 1:
+            keep.add(v)
+    total = sum(probs[v] for v in keep)
+    return [probs[v] / total if v in keep else 0.0 for v in range(len(probs))]
+
+
+def naive_sampling_probs(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    scaled = [math.exp(z / temperature) for z in logits]
+    return naive_nucleus([x / sum(scaled) for x in scaled], top_p)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 1.0), (0.7, 0.95), (1.0, 0.6)])
+def test_sampling_logp_equals_the_distribution_generate_samples_from(temperature, top_p):
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3, 11, generator=g, dtype=torch.float64) * 3
+    got = losses.sampling_logp(torch.log_softmax(logits, -1), temperature, top_p).exp()
+    flat = logits.reshape(-1, 11)
+    scores = TemperatureLogitsWarper(temperature)(None, flat.clone()) if temperature != 1.0 else flat.clone()
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    hf = torch.softmax(scores, -1).reshape(4, 3, 11)
+    assert torch.allclose(got, hf, atol=1e-12)
+    for b in range(4):
+        for t in range(3):
+            expected = naive_sampling_probs(logits[b, t].tolist(), temperature, top_p)
+            assert got[b, t].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def _expected_sampled_gradient(logits, teacher_logp, temperature, top_p):
+    """E_{y ~ q}[grad of the sampled loss at y], enumerating every token y of a 1-position vocabulary."""
+    V = logits.shape[-1]
+    q = naive_sampling_probs(logits.tolist(), temperature, top_p)
+    expected = torch.zeros(V, dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    for y in range(V):
+        if q[y] == 0:
+            continue
+        leaf = logits.clone().requires_grad_(True)
+        s = torch.log_softmax(leaf, -1).view(1, 1, V)
+        tokens = torch.tensor([[y]])
+        losses.per_token_loss("sampled", s, teacher_logp.view(1, 1, V), tokens, mask, temperature=temperature, top_p=top_p).sum().backward()
+        expected += q[y] * leaf.grad
+    return expected, q
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_sampled_loss_is_unbiased_for_the_reverse_kl_gradient_at_any_temperature(temperature):
+    """Under the distribution that really samples the tokens (tempered), the expected gradient of the
+    sampled loss equals the gradient of KL(p || t) over the full vocabulary, to 1e-10."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, generator=g, dtype=torch.float64) * 2
+    teacher = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64) * 2, -1)
+    expected, _ = _expected_sampled_gradient(logits, teacher, temperature, 1.0)
+    leaf = logits.clone().requires_grad_(True)
+    p_log = torch.log_softmax(leaf, -1)
+    kl = sum(p_log[v].exp() * (p_log[v] - teacher[v]) for v in range(6))  # the KL by hand
+    kl.backward()
+    assert torch.allclose(expected, leaf.grad, atol=1e-10), (expected, leaf.grad)
+
+
+def test_sampled_loss_under_top_p_leaves_out_exactly_the_tokens_never_sampled():
+    """With top_p < 1 the expectation is the reverse-KL gradient restricted to q's support: the bias
+    the training loop warns about, no more and no less."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, generator=g, dtype=torch.float64)
+    teacher = torch.log_softmax(torch.randn(7, generator=g, dtype=torch.float64) * 2, -1)
+    expected, q = _expected_sampled_gradient(logits, teacher, 1.0, 0.8)
+    support = [v for v in range(7) if q[v] > 0]
+    assert 1 < len(support) < 7
+    leaf = logits.clone().requires_grad_(True)
+    p_log = torch.log_softmax(leaf, -1)
+    # sum over the support of p(v) (log p(v) - log t(v)) grad log p(v), the weights held constant
+    surrogate = sum((p_log[v].exp() * (p_log[v] - teacher[v])).detach() * p_log[v] for v in support)
+    surrogate.backward()
+    assert torch.allclose(expected, leaf.grad, atol=1e-10)
+
+
+# ---- junk at masked positions ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd", "sampled"])
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_junk_at_masked_positions_reaches_neither_loss_nor_gradient(name, junk):
+    s, t, tokens, mask = random_case(4)
+    t_junk = t.clone()
+    t_junk[mask == 0] = junk  # a teacher position that does not count holds garbage
+    logits = torch.log_softmax(torch.randn(s.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+
+    def run(teacher):
+        leaf = logits.clone().requires_grad_(True)
+        per_token = losses.per_token_loss(name, torch.log_softmax(leaf, -1), teacher, tokens, mask, temperature=0.7, top_p=0.9)
+        loss = losses.reduce_loss(per_token, mask, "trajectory", 3)
+        loss.backward()
+        return per_token.detach(), loss.item(), leaf.grad
+
+    clean, junky = run(t), run(t_junk)
+    assert torch.equal(clean[0], junky[0]) and clean[1] == junky[1] and math.isfinite(junky[1])
+    assert torch.equal(clean[2], junky[2]) and torch.isfinite(junky[2]).all()
+    # junk in the student's own values at masked positions does not reach the loss value either
+    s_junk = s.clone()
+    s_junk[mask == 0] = junk
+    assert torch.equal(losses.per_token_loss(name, s_junk, t, tokens, mask), losses.per_token_loss(name, s, t, tokens, mask))

@@ -40,13 +40,13 @@ def test_vocab_cut_to_tokenizer_when_embeddings_are_padded():
     tok = make_tokenizer()
     student = make_model(len(tok), 1)
     teacher = make_model(len(tok), 2, vocab_rows=len(tok) + 28)  # padded rows, like Qwen's 152064
-    assert models.shared_vocab_size(tok, tok, student, teacher) == len(tok)
+    assert models.check_head_rows(models.shared_vocab(tok, tok), student, teacher) == len(tok)
 
 
 def test_lm_head_smaller_than_tokenizer_is_refused():
     tok = make_tokenizer()
     with pytest.raises(models.ModelError, match="has 50 rows"):
-        models.shared_vocab_size(tok, tok, make_model(len(tok), 1), make_model(len(tok), 2, vocab_rows=50))
+        models.check_head_rows(len(tok), make_model(len(tok), 1), make_model(len(tok), 2, vocab_rows=50))
 
 
 def test_lora_on_all_linear_layers_and_full_finetuning():
@@ -100,3 +100,39 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("ESRDISTILL_CACHE", str(tmp_path / "env"))
     assert packaged.cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
     assert packaged.cache_root(None) == tmp_path / "env"
+
+
+def test_a_directory_that_is_not_a_model_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(models.ModelError, match="is a directory but not a model: it has no config.json"):
+        models.load_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelError, match="has no tokenizer"):
+        models.load_tokenizer(str(tmp_path))
+
+
+def test_a_home_relative_path_is_expanded(tiny_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_dirs[0], tmp_path / "student")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tok = models.load_tokenizer("~/student")
+    model = models.load_model("~/student", torch.float32, torch.device("cpu"))
+    assert len(tok) == model.config.vocab_size
+
+
+def test_a_hub_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
+    """Offline, a name that is neither local nor cached is an error in seconds, not a minute of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    for offline, endpoint in ((True, constants.ENDPOINT), (False, "http://127.0.0.1:9")):  # port 9: nothing listens
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        models._hub_reachable.cache_clear()
+        start = time.perf_counter()
+        with pytest.raises(models.ModelError, match="not in the local Hugging Face cache, and the hub cannot be reached"):
+            models.load_tokenizer("some-org/not-a-real-model-xyz")
+        assert time.perf_counter() - start < 5
+    models._hub_reachable.cache_clear()

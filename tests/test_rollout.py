@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
@@ -42,27 +43,122 @@ def test_pack_left_pads_prompts_and_counts_positions_over_real_tokens():
 
 
 def test_esr_truncation_generates_exactly_k_tokens():
+    """With EOS held back (min_new_tokens = K) every row has exactly K tokens, all counted: generation
+    itself stops at K, nothing is generated and masked off."""
     model = make_model(len(make_tokenizer()), 3)
     prompts = [[3, 40, 41, 42], [3, 50], [3, 60, 61]]
     for k in (1, 5, 9):
-        out = rollout.sample(model, prompts, k, temperature=1.0, top_p=1.0, eos_ids=[EOS], pad_id=PAD)
-        assert out.responses.shape[1] <= k
-        assert out.mask.sum(-1).max().item() <= k
+        out = rollout.sample(model, prompts, rollout.Sampling(k, temperature=1.0, eos_ids=(EOS,), pad_id=PAD, min_new_tokens=k))
+        assert out.responses.shape == (3, k)
+        assert out.mask.sum(-1).tolist() == [k, k, k]
+        assert not (out.responses == EOS).any()
+
+
+def test_rollouts_that_may_stop_never_pass_k():
+    model = make_model(len(make_tokenizer()), 3)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 3  # EOS is likely: some rows stop early
+    prompts = [[3, 40 + i] for i in range(8)]
+    out = rollout.sample(model, prompts, rollout.Sampling(6, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
+    assert out.responses.shape[1] <= 6 and out.mask.sum(-1).max().item() <= 6
+    assert torch.equal(out.mask, naive_mask(out.responses, [EOS]))
+
+
+def naive_greedy(model, prompt: list[int], steps: int, vocab_size: int | None = None) -> list[int]:
+    """Argmax decoding by hand: one full forward per token, no cache, no logits processors."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        if vocab_size is not None:
+            logits = logits[:vocab_size]
+        ids.append(int(logits.argmax()))
+        if ids[-1] == EOS:
+            break
+    return ids[len(prompt):]
+
+
+def test_the_models_own_generation_config_does_not_change_sampling():
+    """A shipped repetition_penalty, no_repeat_ngram_size, min_new_tokens or top_k (Qwen2.5-Instruct ships
+    a repetition penalty) must not reach the rollouts: greedy rollouts equal plain argmax decoding."""
+    model = make_model(len(make_tokenizer()), 8)
+    prompts = [[3, 40, 41, 42], [3, 50, 51]]
+    expected = [naive_greedy(model, p, 12) for p in prompts]
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 12
+    model.generation_config.top_k = 1
+    model.generation_config.suppress_tokens = list(range(10, 60))
+    out = rollout.sample(model, prompts, rollout.Sampling(12, temperature=0.0, eos_ids=(EOS,), pad_id=PAD))
+    for row, want in enumerate(expected):
+        n = int(out.mask[row].sum())
+        assert out.responses[row, :n].tolist() == want
+    assert len({t for want in expected for t in want}) < sum(len(w) for w in expected)  # the argmax repeats tokens
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+
+
+def test_the_models_generation_config_does_not_reach_sampled_rollouts_either():
+    """At temperature 1, top_p 1 a sampled rollout's tokens follow the model's distribution: a shipped
+    top_k=1 would make every sample the argmax."""
+    model = make_model(len(make_tokenizer()), 8)
+    model.generation_config.top_k = 1
+    model.generation_config.do_sample = False
+    prompts = [[3, 40, 41, 42]] * 16
+    out = rollout.sample(model, prompts, rollout.Sampling(4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
+    assert len({tuple(r.tolist()) for r in out.responses}) > 4
+
+
+def test_ids_past_the_shared_vocabulary_are_never_sampled():
+    """An LM head with more rows than the tokenizer (Qwen: 151,936 for 151,665 tokens) never yields an id
+    past the vocabulary, greedy or sampled, even when those rows have the largest logits."""
+    tok = make_tokenizer()
+    vocab = len(tok)
+    model = make_model(vocab, 9, vocab_rows=vocab + 28)
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = model.lm_head.weight[:28] * 20  # padding rows that would win
+    prompts = [[3, 40 + i] for i in range(6)]
+    for temperature in (0.0, 1.0):
+        out = rollout.sample(model, prompts, rollout.Sampling(8, temperature=temperature, top_p=0.95, eos_ids=(EOS,), pad_id=PAD,
+                                                              vocab_size=vocab))
+        assert out.responses.max().item() < vocab
+    greedy = rollout.sample(model, prompts[:2], rollout.Sampling(8, temperature=0.0, eos_ids=(EOS,), pad_id=PAD, vocab_size=vocab))
+    for row in range(2):
+        n = int(greedy.mask[row].sum())
+        assert greedy.responses[row, :n].tolist() == naive_greedy(model, prompts[row], 8, vocab_size=vocab)
+
+
+def test_response_logits_of_a_bf16_model_come_from_an_fp32_lm_head():
+    """The body runs in bf16, but the LM head's product is done in fp32: the logits equal the bf16
+    hidden states times the fp32 head to 1e-5, where a bf16 head is off by about 1e-2."""
+    model = make_model(len(make_tokenizer()), 5).to(torch.bfloat16)
+    prompts = [[3, 40, 41, 42, 43], [3, 50]]
+    responses = torch.tensor([[60, 61, 62], [70, EOS, PAD]])
+    mask = rollout.response_mask(responses, [EOS])
+    got = rollout.response_logits(model, prompts, responses, mask, PAD)
+    assert got.dtype == torch.float32
+    packed = rollout.pack(prompts, responses, mask, PAD)
+    with torch.no_grad():
+        hidden = model.model(**packed).last_hidden_state[:, -4:-1]  # (B, T, H) bf16, positions that predict the response
+        expected = hidden.float() @ model.lm_head.weight.float().T
+        bf16_head = model.lm_head(hidden).float()
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (bf16_head - expected).abs().max().item() > 1e-3  # what the old bf16 head gave
+    assert model.lm_head.forward.__func__ is torch.nn.Linear.forward  # the patch is gone after the call
 
 
 def test_rollout_without_eos_is_full_k_long():
     tok = make_tokenizer()
     model = make_model(len(tok), 3)
     prompts = [[3, 40, 41], [3, 50]]
-    out = rollout.sample(model, prompts, 7, temperature=1.0, top_p=1.0, eos_ids=[len(tok) + 5], pad_id=PAD)  # an id never sampled
+    out = rollout.sample(model, prompts, rollout.Sampling(7, temperature=1.0, eos_ids=(len(tok) + 5,), pad_id=PAD))  # an id never sampled
     assert out.responses.shape == (2, 7)
     assert out.mask.sum().item() == 14
 
 
 def test_greedy_is_deterministic_and_independent_of_batch_padding():
     model = make_model(len(make_tokenizer()), 3)
-    a = rollout.sample(model, [[3, 40, 41, 42]], 6, temperature=0.0, top_p=1.0, eos_ids=[EOS], pad_id=PAD)
-    b = rollout.sample(model, [[3, 40, 41, 42], [3, 50, 51, 52, 53, 54, 55, 56]], 6, temperature=0.0, top_p=1.0, eos_ids=[EOS], pad_id=PAD)
+    greedy = rollout.Sampling(6, temperature=0.0, eos_ids=(EOS,), pad_id=PAD)
+    a = rollout.sample(model, [[3, 40, 41, 42]], greedy)
+    b = rollout.sample(model, [[3, 40, 41, 42], [3, 50, 51, 52, 53, 54, 55, 56]], greedy)
     n = int(a.mask[0].sum())
     assert torch.equal(a.responses[0, :n], b.responses[0, :n])
 
@@ -99,11 +195,17 @@ def test_teacher_scores_only_response_positions_in_micro_batches():
 
 
 def test_log_probs_cut_padding_rows_before_normalising():
-    logits = torch.randn(2, 3, 10)
+    import math
+
+    logits = torch.randn(2, 3, 10, dtype=torch.float64)
     logits[..., 8:] = 50.0  # padding rows with large junk logits
     out = teacher.log_probs(logits, vocab_size=8)
     assert out.shape == (2, 3, 8)
-    assert torch.allclose(out, torch.log_softmax(logits[..., :8], -1))
+    for b in range(2):
+        for t in range(3):
+            row = logits[b, t, :8].tolist()
+            total = sum(math.exp(x) for x in row)  # normalised over the 8 real tokens only, by hand
+            assert out[b, t].tolist() == pytest.approx([math.log(math.exp(x) / total) for x in row], abs=1e-6)
 
 
 def test_micro_batches_group_similar_lengths_and_cover_every_row_once():

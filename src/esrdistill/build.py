@@ -6,15 +6,17 @@ these builders so that all three read a config the same way.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from esrdistill import models, prompts
+from esrdistill import models, prompts, rollout
 from esrdistill.config import Config
 from esrdistill.data import Task, load_task
 from esrdistill.grading import make_grader
+from esrdistill.packaged import is_packaged, resolve
 
 
 def rollout_length(cfg: Config) -> int:
@@ -26,17 +28,32 @@ def rollout_length(cfg: Config) -> int:
     return cfg.rollout_tokens if cfg.rollout_tokens is not None else cfg.max_new_tokens
 
 
-def task(cfg: Config) -> Task:
+def rollout_length_key(cfg: Config) -> str:
+    """The setting that gives the rollout length (for messages)."""
+    return "rollout_tokens" if cfg.rollout_tokens is not None else "max_new_tokens"
+
+
+def prepare_models(cfg: Config) -> None:
+    """Convert packaged models now (once, cached), so that loading them later is a plain local load."""
+    for spec in dict.fromkeys((cfg.student, cfg.teacher)):
+        if is_packaged(spec):
+            resolve(spec, cfg.model_cache)
+
+
+def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) -> Task:
+    """The config's task. need_train=False (eval, diagnose): no training rows are required, and the
+    held-out split may be shorter than asked when the data has fewer rows."""
     return load_task(
         cfg.dataset,
         prompt_field=cfg.prompt_field,
         answer_field=cfg.answer_field,
         num_prompts=cfg.num_prompts,
-        eval_prompts=cfg.eval_prompts,
+        eval_prompts=cfg.eval_prompts if eval_prompts is None else eval_prompts,
         fewshot=cfg.teacher_fewshot,
         seed=cfg.seed,
         options=cfg.dataset_options,
         split=cfg.dataset_split,
+        need_train=need_train,
     )
 
 
@@ -60,17 +77,27 @@ class Pair:
     teacher: torch.nn.Module  # frozen, eval mode
     tokenizer: object  # the student's tokenizer
     teacher_tokenizer: object  # the same vocabulary, maybe another chat template
-    vocab_size: int  # logits are compared over the first vocab_size entries
+    vocab_size: int  # logits are compared over the first vocab_size entries; no id past it is sampled
     eos_ids: list[int]
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the compute dtype; a fully fine-tuned student keeps fp32 master weights
+
+    def autocast(self):
+        """The context in which the student computes: autocast to `dtype` when its weights are kept
+        in fp32 for training (full fine-tuning in bf16), else nothing."""
+        weights = next(self.student.parameters()).dtype
+        if weights == self.dtype:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.model_cache)
-    student = models.load_model(cfg.student, dtype, device, cfg.model_cache)
+    vocab = models.shared_vocab(tokenizer, teacher_tokenizer)  # refuse different tokenizers before loading weights
+    student_dtype = models.master_dtype(dtype, cfg.lora_r) if trainable else dtype
+    student = models.load_model(cfg.student, student_dtype, device, cfg.model_cache)
     if trainable:
         student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     teacher = models.freeze(models.load_model(cfg.teacher, dtype, device, cfg.model_cache))
@@ -79,23 +106,40 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
         teacher=teacher,
         tokenizer=tokenizer,
         teacher_tokenizer=teacher_tokenizer,
-        vocab_size=models.shared_vocab_size(tokenizer, teacher_tokenizer, student, teacher),
+        vocab_size=models.check_head_rows(vocab, student, teacher),
         eos_ids=models.eos_ids(tokenizer, student),
         device=device,
         dtype=dtype,
     )
 
 
-def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int) -> prompts.PromptSet:
-    """Both views of `problems`, dropping those that leave no room for `new_tokens` of response."""
+def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int) -> rollout.Sampling:
+    """How training rollouts (and diagnose's rollouts) are sampled."""
+    return rollout.Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            eos_ids=tuple(pair.eos_ids), pad_id=pair.tokenizer.pad_token_id, vocab_size=pair.vocab_size)
+
+
+def eval_sampling(cfg: Config, tokenizer, eos_ids: list[int], vocab_size: int, max_new_tokens: int | None = None) -> rollout.Sampling:
+    """How evaluation samples are drawn (eval_temperature 0 = greedy)."""
+    return rollout.Sampling(max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                            top_p=cfg.eval_top_p, eos_ids=tuple(eos_ids), pad_id=tokenizer.pad_token_id, vocab_size=vocab_size)
+
+
+def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int, new_tokens_key: str) -> prompts.PromptSet:
+    """Both views of `problems`, dropping those that leave no room for `new_tokens` of response.
+
+    new_tokens_key names the setting that gave new_tokens (rollout_tokens or max_new_tokens), for the
+    message that says which limit a dropped prompt exceeded.
+    """
     student_style, teacher_style = styles(cfg, task)
-    student_limit = prompts.context_length(pair.student) - new_tokens
-    if cfg.max_prompt_tokens is not None:
-        student_limit = min(student_limit, cfg.max_prompt_tokens)
-    teacher_limit = prompts.context_length(pair.teacher) - new_tokens
-    return prompts.prepare(
-        problems, pair.tokenizer, pair.teacher_tokenizer, student_style, teacher_style, student_limit, teacher_limit
-    )
+    student_context, teacher_context = prompts.context_length(pair.student), prompts.context_length(pair.teacher)
+    limits = [prompts.Limit("student", student_context - new_tokens,
+                            f"the student's context of {student_context} tokens minus {new_tokens_key}={new_tokens}"),
+              prompts.Limit("teacher", teacher_context - new_tokens,
+                            f"the teacher's context of {teacher_context} tokens minus {new_tokens_key}={new_tokens}")]
+    if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens < limits[0].tokens:
+        limits[0] = prompts.Limit("student", cfg.max_prompt_tokens, f"max_prompt_tokens={cfg.max_prompt_tokens}")
+    return prompts.prepare(problems, pair.tokenizer, pair.teacher_tokenizer, student_style, teacher_style, limits[0], limits[1])
 
 
 def grader(cfg: Config, task: Task) -> Callable:

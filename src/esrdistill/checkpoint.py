@@ -42,8 +42,20 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(run_dir: str | Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
-    """Write the checkpoint after `step` completed optimizer steps; keep the newest `keep`."""
+class NonFiniteWeights(RuntimeError):
+    """The model holds NaN or inf: it is never written over a good checkpoint."""
+
+
+def check_finite(model) -> None:
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise NonFiniteWeights(f"{len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not saving them")
+
+
+def save(run_dir: str | Path, step: int, model, optimizer, scheduler, keep: int, protect: int | None = None) -> Path:
+    """Write the checkpoint after `step` completed optimizer steps; keep the newest `keep`, and also
+    the checkpoint of step `protect` (the best evaluation so far) when there is one."""
+    check_finite(model)
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -59,9 +71,19 @@ def save(run_dir: str | Path, step: int, model, optimizer, scheduler, keep: int)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate(run_dir, keep, protect)
     return final
+
+
+def rotate(run_dir: str | Path, keep: int, protect: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints and the one of step `protect`."""
+    for old_step, old in list_checkpoints(run_dir)[:-keep]:
+        if old_step != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find(run_dir: str | Path, step: int) -> Path | None:
+    return next((path for found, path in list_checkpoints(run_dir) if found == step), None)
 
 
 def load(path: str | Path, model, optimizer, scheduler) -> int:
@@ -79,13 +101,17 @@ def load(path: str | Path, model, optimizer, scheduler) -> int:
     return int(json.loads((path / "state.json").read_text())["step"])
 
 
-def save_final(out_dir: str | Path, model, tokenizer, merge_lora: bool) -> Path:
-    """The trained student in a from_pretrained-loadable directory (LoRA merged unless asked not to)."""
+def save_final(out_dir: str | Path, model, tokenizer, merge_lora: bool, dtype: torch.dtype | None = None) -> Path:
+    """The trained student in a from_pretrained-loadable directory (LoRA merged unless asked not to),
+    in `dtype` when given (fp32 master weights of a bf16 run are saved as bf16, like the model loaded)."""
+    check_finite(model)
     out = Path(out_dir)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     if _is_peft(model) and merge_lora:
         model = model.merge_and_unload()
+    if dtype is not None and not _is_peft(model):
+        model = model.to(dtype)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists():

@@ -163,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         print(describe_fields())
         return 0
+    from esrdistill.ranks import rank
+
+    report = (lambda text: print(text, file=sys.stderr)) if rank() == 0 else (lambda text: None)  # one message, not one per process
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        report(f"config error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        report("interrupted")
         return 130
     except (UserError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}")
         return 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,9 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     batch_size: int = 16  # prompts (one rollout each) per optimizer step
     micro_batch_size: int = 4  # trajectories per forward/backward; the loss does not depend on it
-    teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward; null = micro_batch_size
+    teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward, at most micro_batch_size; null = micro_batch_size
     steps: int = 200  # optimizer steps
+    max_skipped_steps: int = 3  # a step whose loss or gradient is NaN/inf is skipped; stop after this many in a row
     seed: int = 0  # seeds data order, sampling and init; each step reseeds from (seed, step)
 
     # ---- evaluation, checkpoints, output ------------------------------------------------------
@@ -91,7 +93,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in run_dir
     merge_lora: bool = True  # final/ holds the merged model; False = the adapter only
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda; several GPUs: `accelerate launch`
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; full fine-tuning keeps fp32 master weights
     tensorboard: bool = False  # also write TensorBoard events to run_dir/tb (`pip install tensorboard`)
     wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
     progress: bool = True  # show progress bars
@@ -128,7 +130,10 @@ def _coerce(key: str, value: Any) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r} is not a finite number")
+            return number
         if base is dict:
             value = yaml.safe_load(value) if isinstance(value, str) else value
             if value is None:
@@ -138,6 +143,8 @@ def _coerce(key: str, value: Any) -> Any:
             return dict(value)
         if base is str:
             return value if isinstance(value, str) else str(value)
+    except ConfigError:
+        raise
     except (ValueError, TypeError):
         pass
     raise ConfigError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}")
@@ -176,6 +183,14 @@ def validate(cfg: Config) -> Config:
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     need(cfg.micro_batch_size > 0, f"micro_batch_size must be > 0, got {cfg.micro_batch_size}")
     need(cfg.teacher_micro_batch is None or cfg.teacher_micro_batch > 0, f"teacher_micro_batch must be > 0 or null, got {cfg.teacher_micro_batch}")
+    need(cfg.teacher_micro_batch is None or cfg.teacher_micro_batch <= cfg.micro_batch_size,
+         f"teacher_micro_batch={cfg.teacher_micro_batch} is larger than micro_batch_size={cfg.micro_batch_size}, and the teacher "
+         "scores one student micro-batch at a time, so it would have no effect: raise micro_batch_size, or leave "
+         "teacher_micro_batch at null")
+    need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
+    need(not (cfg.dtype == "float16" and cfg.lora_r == 0),
+         "dtype=float16 with full fine-tuning (lora_r=0) is not supported (it would need loss scaling): use "
+         "dtype=bfloat16 (trained with fp32 master weights) or float32")
     need(cfg.steps > 0, f"steps must be > 0, got {cfg.steps}")
     need(cfg.num_prompts is None or cfg.num_prompts > 0, f"num_prompts must be > 0 or null (all rows), got {cfg.num_prompts}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")

@@ -7,6 +7,7 @@ depend on how many training prompts a run asks for.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +38,24 @@ class Task:
     eval: list[Problem]
     fewshot: list[Problem]
     source: Any = None  # the reasoning-gym dataset (its score_answer grades), else None
+    skipped: int = 0  # rows left out because their prompt was unusable
+    skipped_why: str = ""
 
     @property
     def is_reasoning_gym(self) -> bool:
         return self.source is not None
 
 
-def _split(rows: list[Problem], fewshot: int, eval_prompts: int, num_prompts: int | None, name: str) -> tuple[list, list, list]:
+def _split(rows: list[Problem], fewshot: int, eval_prompts: int, num_prompts: int | None, name: str,
+           need_train: bool = True) -> tuple[list, list, list]:
     held = fewshot + eval_prompts
-    if len(rows) <= held:
+    if need_train and len(rows) <= held:
         raise DataError(
             f"dataset {name} has {len(rows)} rows, but teacher_fewshot={fewshot} and eval_prompts={eval_prompts} "
             "leave none for training"
         )
+    if not need_train and len(rows) <= fewshot:
+        raise DataError(f"dataset {name} has {len(rows)} rows, but teacher_fewshot={fewshot} leaves no problem to use")
     train = rows[held:] if num_prompts is None else rows[held : held + num_prompts]
     return rows[:fewshot], rows[fewshot:held], train
 
@@ -70,21 +76,42 @@ def _reasoning_gym(task_name: str, options: dict, seed: int, size: int):
         raise DataError(f"reasoning-gym task '{task_name}' rejected dataset_options {options}: {err}") from err
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file; a line that is not a JSON object is an error naming its line number."""
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
 def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
     import datasets
 
     path = Path(spec).expanduser()
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+        if path.stat().st_size == 0 or not path.read_bytes().strip():
+            raise DataError(f"data file {path} is empty")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
     try:
         if path.suffix in FILE_FORMATS:
-            if not path.is_file():
-                raise DataError(f"data file {path} does not exist")
             data = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train", **options)
         else:
             data = datasets.load_dataset(spec, split=split, **options)
-    except DataError:
-        raise
     except Exception as err:  # datasets raises many kinds; the user needs the message, not the type
-        raise DataError(f"could not load dataset '{spec}': {err}") from err
+        reason = str(err).strip() or type(err).__name__
+        raise DataError(f"could not load dataset '{spec}': {reason}") from err
     return [dict(row) for row in data]
 
 
@@ -98,15 +125,20 @@ def load_task(
     seed: int = 0,
     options: dict | None = None,
     split: str = "train",
+    need_train: bool = True,
 ) -> Task:
-    """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name."""
+    """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name.
+
+    need_train=False (eval, diagnose): no training row is required, and the held-out split takes
+    what there is when the data has fewer than fewshot + eval_prompts rows.
+    """
     options = dict(options or {})
     if dataset.startswith(REASONING_GYM):
         name = dataset[len(REASONING_GYM) :]
         size = fewshot + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
         source = _reasoning_gym(name, options, seed, size)
         rows = [Problem(prompt=e["question"], answer=str(e["answer"]), row=e) for e in source]
-        few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset)
+        few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
         return Task(name=dataset, train=train, eval=ev, fewshot=few, source=source)
 
     raw = _rows_from_library(dataset, options, split)
@@ -129,7 +161,9 @@ def load_task(
             continue  # a row without a usable prompt cannot be sampled from
         answer = row.get(answer_field)
         rows.append(Problem(prompt=prompt, answer=None if answer is None else str(answer), row=row))
+    skipped = len(raw) - len(rows)
     if not rows:
-        raise DataError(f"dataset '{dataset}' has no row with a non-empty '{prompt_field}'")
-    few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset)
-    return Task(name=dataset, train=train, eval=ev, fewshot=few)
+        raise DataError(f"dataset '{dataset}' has no row whose '{prompt_field}' is a non-empty string ({len(raw)} rows)")
+    few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
+    return Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped,
+                skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else "")

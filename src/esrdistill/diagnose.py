@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,12 +50,12 @@ class DiagnoseOptions:
                 raise ConfigError(message)
 
 
-def generate_all(model, prompts, max_new_tokens, temperature, top_p, eos_ids, pad_id, batch_size, desc, progress):
+def generate_all(model, prompts, sampling: rollout.Sampling, batch_size, desc, progress):
     """Sample one response per prompt; token lists without padding (EOS kept when it came)."""
     out = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="seq")
     for start in range(0, len(prompts), batch_size):
-        batch = rollout.sample(model, prompts[start : start + batch_size], max_new_tokens, temperature, top_p, eos_ids, pad_id)
+        batch = rollout.sample(model, prompts[start : start + batch_size], sampling)
         out += [batch.responses[row, : int(batch.mask[row].sum())].tolist() for row in range(batch.responses.shape[0])]
         bar.update(batch.responses.shape[0])
     bar.close()
@@ -89,20 +89,21 @@ def _strip_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
 
 
-def prefix_continuation(model, prompts, responses, ks, cfg, eos_ids, pad_id, tokenizer, grade, problems, progress, desc):
+def prefix_continuation(model, prompts, responses, ks, sampling: rollout.Sampling, batch_size, tokenizer, grade, problems, progress, desc):
     """Accuracy after `model` continues from the first k tokens of each response, for each k.
 
-    A response that ended (EOS) within k tokens is graded as it is: there is nothing to continue.
-    Returns {k: accuracy}, and the texts graded.
+    sampling: how the continuation is drawn; its max_new_tokens is the whole response's budget, so a
+    continuation from k tokens gets max_new_tokens - k more. A response that ended (EOS) within k
+    tokens is graded as it is: there is nothing to continue. Returns {k: accuracy}, and the texts graded.
     """
+    eos_ids = list(sampling.eos_ids)
     accuracy, texts = {}, {}
     for k in ks:
         prefixes = [_strip_eos(r, eos_ids)[:k] for r in responses]
         finished = [len(_strip_eos(r, eos_ids)) <= k and r and r[-1] in eos_ids for r in responses]
         todo = [i for i, done in enumerate(finished) if not done]
-        budget = max(1, cfg.max_new_tokens - k)
-        continued = generate_all(model, [prompts[i] + prefixes[i] for i in todo], budget, cfg.eval_temperature,
-                                 cfg.eval_top_p, eos_ids, pad_id, cfg.eval_batch_size, f"{desc} k={k}", progress)
+        budget = replace(sampling, max_new_tokens=max(1, sampling.max_new_tokens - k))
+        continued = generate_all(model, [prompts[i] + prefixes[i] for i in todo], budget, batch_size, f"{desc} k={k}", progress)
         full = {i: prefixes[i] + c for i, c in zip(todo, continued)}
         texts[k] = [tokenizer.decode(full.get(i, responses[i]), skip_special_tokens=True) for i in range(len(responses))]
         accuracy[k] = sum(bool(grade(t, p)) for t, p in zip(texts[k], problems)) / max(len(problems), 1)
@@ -135,28 +136,34 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = models.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    pair = build.pair(cfg, device, trainable=False)
-    task = build.task(cfg)
+    task = build.task(cfg, need_train=False)  # held-out problems only: no training rows needed
+    grade = build.grader(cfg, task)  # a bad grader fails before the models load
     problems = task.eval[: options.problems]
     if not problems:
         raise DataError("no problems to diagnose: set eval_prompts > 0 (diagnose uses the held-out problems)")
-    ps = build.prompt_set(cfg, pair, task, problems, cfg.max_new_tokens)
-    grade = build.grader(cfg, task)
+    pair = build.pair(cfg, device, trainable=False)
+    ps = build.prompt_set(cfg, pair, task, problems, cfg.max_new_tokens, "max_new_tokens")
+    ps.require("problems to diagnose")
     pad, eos, progress = pair.tokenizer.pad_token_id, pair.eos_ids, cfg.progress
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     k_mark = options.k if options.k is not None else cfg.rollout_tokens
     ks = sorted({k for k in options.prefixes if k < cfg.max_new_tokens} | {0})
     say = tqdm.write
+    if ps.dropped:
+        say(f"Note: {ps.dropped} problems dropped: {ps.why_dropped}")
 
     say(f"Rolling out student and teacher on {len(ps.problems)} problems (up to {cfg.max_new_tokens} tokens) ...")
-    gen = lambda model, prompts, desc: generate_all(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,  # noqa: E731
-                                                     eos, pad, cfg.eval_batch_size, desc, progress)
+    rollouts = build.rollout_sampling(cfg, pair, cfg.max_new_tokens)
+    continuation = build.eval_sampling(cfg, pair.tokenizer, eos, pair.vocab_size)
+    gen = lambda model, prompts, desc: generate_all(model, prompts, rollouts, cfg.eval_batch_size, desc, progress)  # noqa: E731
     student_rollouts = gen(pair.student, ps.student_ids, "student rollouts")
     teacher_rollouts = gen(pair.teacher, ps.teacher_ids, "teacher rollouts")
 
     say("[1/5] Teacher decay by prefix continuation ...")
-    t_acc, _ = prefix_continuation(pair.teacher, ps.teacher_ids, student_rollouts, ks, cfg, eos, pad, pair.tokenizer, grade, ps.problems, progress, "teacher continues student")
-    s_acc, _ = prefix_continuation(pair.student, ps.student_ids, teacher_rollouts, ks, cfg, eos, pad, pair.tokenizer, grade, ps.problems, progress, "student continues teacher")
+    t_acc, _ = prefix_continuation(pair.teacher, ps.teacher_ids, student_rollouts, ks, continuation, cfg.eval_batch_size,
+                                   pair.tokenizer, grade, ps.problems, progress, "teacher continues student")
+    s_acc, _ = prefix_continuation(pair.student, ps.student_ids, teacher_rollouts, ks, continuation, cfg.eval_batch_size,
+                                   pair.tokenizer, grade, ps.problems, progress, "student continues teacher")
     n = len(ps.problems)
     decay = {
         "ks": ks, "n": n,

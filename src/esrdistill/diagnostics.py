@@ -31,7 +31,8 @@ def position_stats(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask:
         "student_top1_prob": s_p.max(-1).values,
         "teacher_rank": (teacher_logp > teacher_at_student_top1).sum(-1).float(),
     }
-    return {k: v * mask for k, v in stats.items()}
+    counted = mask.bool()
+    return {k: torch.where(counted, v, torch.zeros((), dtype=v.dtype, device=v.device)) for k, v in stats.items()}
 
 
 def bucket_means(values: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[list[float], list[int]]:

@@ -126,12 +126,9 @@ def evaluate(
     prompt_ids: list[list[int]],
     problems: list[Problem],
     grader: Grader,
-    eos_ids: list[int],
-    max_new_tokens: int,
+    sampling: rollout.Sampling,
     batch_size: int = 16,
     samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
@@ -139,9 +136,9 @@ def evaluate(
     flat_prompts = [ids for ids in prompt_ids for _ in range(samples)]  # (problem 0 x n, problem 1 x n, ...)
     texts, lengths, ended, token_lists = [], [], [], []
     bar = tqdm(total=len(flat_prompts), desc=desc, disable=not progress, leave=False, unit="seq")
-    eos = torch.tensor(eos_ids)
+    eos = torch.tensor(sampling.eos_ids)
     for start in range(0, len(flat_prompts), batch_size):
-        batch = rollout.sample(model, flat_prompts[start : start + batch_size], max_new_tokens, temperature, top_p, eos_ids, tokenizer.pad_token_id)
+        batch = rollout.sample(model, flat_prompts[start : start + batch_size], sampling)
         for row in range(batch.responses.shape[0]):
             count = int(batch.mask[row].sum())
             tokens = batch.responses[row, :count]
@@ -171,7 +168,7 @@ def evaluate(
             majority=majority,
             majority_correct=grader.check(majority, problem),
         ))
-    return summarise(results, temperature)
+    return summarise(results, sampling.temperature)
 
 
 def run_eval(cfg, model: str, view: str = "student", progress: bool = True, device=None) -> EvalResult:
@@ -183,17 +180,18 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
     from esrdistill.data import DataError
 
     device = device or models.resolve_device(cfg.device)
+    task = build.task(cfg, need_train=False)
+    grade = build.grader(cfg, task)  # a bad grader fails before the model loads
     tokenizer = models.load_tokenizer(model, cfg.model_cache)
     net = models.load_model(model, models.resolve_dtype(cfg.dtype, device), device, cfg.model_cache)
-    task = build.task(cfg)
     student_style, teacher_style = build.styles(cfg, task)
     style = teacher_style if view == "teacher" else student_style
-    limit = prompts.context_length(net) - cfg.max_new_tokens
+    context = prompts.context_length(net)
+    limit = prompts.Limit(view, context - cfg.max_new_tokens, f"the model's context of {context} tokens minus max_new_tokens={cfg.max_new_tokens}")
     prompt_set = prompts.prepare(task.eval, tokenizer, tokenizer, style, style, limit, limit)
-    if not prompt_set.problems:
-        raise DataError("no evaluation problems: set eval_prompts > 0 (and check that prompts fit the context)")
-    return evaluate(
-        net, tokenizer, prompt_set.student_ids, prompt_set.problems, build.grader(cfg, task), models.eos_ids(tokenizer, net),
-        cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p,
-        progress=progress, desc=f"eval {view}",
-    )
+    if not task.eval:
+        raise DataError("no evaluation problems: set eval_prompts > 0")
+    prompt_set.require("evaluation prompts")
+    sampling = build.eval_sampling(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
+    return evaluate(net, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
+                    cfg.eval_batch_size, cfg.eval_samples, progress=progress, desc=f"eval {view}")

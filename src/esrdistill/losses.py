@@ -2,7 +2,8 @@
 
 Shapes: B trajectories, T response positions, V vocabulary entries.
 Every per-token function returns (B, T) values that are exactly zero where `mask` is zero, so a
-padded position or a token after EOS never contributes, whatever the logits there hold.
+padded position or a token after EOS never contributes, whatever the logits there hold (NaN and inf
+included: masking is a select, never a multiplication).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) values where mask is set, exact zeros elsewhere (a NaN under the mask does not leak)."""
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -20,14 +26,14 @@ def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: tor
     Returns (B, T), zero where mask is zero.
     """
     kl = (student_logp.exp() * (student_logp - teacher_logp.detach())).sum(-1)
-    return kl * mask
+    return _masked(kl, mask)
 
 
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token KL(teacher || student) (mean seeking, as in supervised KD). Same shapes as reverse_kl."""
     teacher_logp = teacher_logp.detach()
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return kl * mask
+    return _masked(kl, mask)
 
 
 def generalized_jsd(
@@ -48,28 +54,72 @@ def generalized_jsd(
     )  # (B, T, V)
     kl_teacher = (teacher_logp.exp() * (teacher_logp - mix_logp)).sum(-1)
     kl_student = (student_logp.exp() * (student_logp - mix_logp)).sum(-1)
-    return (beta * kl_teacher + (1.0 - beta) * kl_student) * mask
+    return _masked(beta * kl_teacher + (1.0 - beta) * kl_student, mask)
+
+
+def sampling_logp(student_logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, T, V) log-probabilities -> the log-probabilities of the distribution rollouts are drawn from.
+
+    The same steps, in the same order, as generation: divide the logits by the temperature, then keep
+    the smallest set of most likely tokens whose probability reaches top_p (at least one token; a
+    token is dropped when the probability of the tokens less likely than it, itself included, is at
+    most 1 - top_p), renormalise. Dropped tokens get -inf.
+    """
+    tempered = torch.log_softmax(student_logp / temperature, dim=-1)
+    if top_p >= 1.0:
+        return tempered
+    sorted_logp, order = tempered.sort(dim=-1)  # ascending
+    tail_mass = sorted_logp.exp().cumsum(dim=-1)  # probability of this token and every less likely one
+    drop_sorted = tail_mass <= 1.0 - top_p
+    drop_sorted[..., -1] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(tempered.masked_fill(drop, float("-inf")), dim=-1)
+
+
+def importance_weight(student_logp: torch.Tensor, tokens: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, T) p(y_t) / q(y_t): the student's probability of each sampled token over the probability
+    of the distribution q that sampled it (temperature, then top_p), detached.
+
+    A token outside q's nucleus as recomputed here (it can only happen at a numerical boundary, or
+    with dropout on) is weighted against the tempered distribution without truncation instead.
+    """
+    with torch.no_grad():
+        p = token_logp(student_logp, tokens)
+        q = token_logp(sampling_logp(student_logp, temperature, top_p), tokens)
+        if top_p < 1.0:
+            q = torch.where(torch.isfinite(q), q, token_logp(torch.log_softmax(student_logp / temperature, -1), tokens))
+        return (p - q).exp()
 
 
 def sampled_token_pg(
-    student_token_logp: torch.Tensor, teacher_token_logp: torch.Tensor, mask: torch.Tensor
+    student_token_logp: torch.Tensor,
+    teacher_token_logp: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sampled-token estimator of reverse KL used as a per-token policy-gradient advantage.
+    """Sampled-token estimator of the reverse-KL gradient, as a per-token policy-gradient loss.
 
-    student_token_logp, teacher_token_logp: (B, T) log-probabilities of the sampled tokens y_t.
-    The advantage A_t = -(log p_s(y_t) - log p_t(y_t)) is detached, and the per-token loss is
-    -A_t * log p_s(y_t): its gradient is (log p_s(y_t) - log p_t(y_t)) * grad log p_s(y_t), whose
-    expectation under the student's sampling is the gradient of the reverse KL at that position.
-    The returned value is not the KL itself (see `sampled_kl` for the estimate to log).
-    Returns (B, T), zero where mask is zero.
+    student_token_logp, teacher_token_logp: (B, T) log-probabilities of the sampled tokens y_t under
+    the student p (with gradient) and the teacher. weight: (B, T) importance weights p(y_t) / q(y_t)
+    when y_t was drawn from a distribution q other than p (temperature != 1 or top_p < 1; see
+    `importance_weight`); None means q = p.
+    The per-token loss is -w_t * A_t * log p(y_t) with the advantage A_t = -(log p(y_t) - log t(y_t))
+    and w_t detached, so its expected gradient under q is
+        sum_{v in q's support} p(v) (log p(v) - log t(v)) grad log p(v),
+    the gradient of KL(p || t) exactly when q's support is the whole vocabulary (any temperature,
+    top_p = 1). With top_p < 1 the tokens q never samples are missing from the sum: a bias that no
+    weight can remove (train warns). The returned value is not the KL (`sampled_kl` is the estimate
+    to log). Returns (B, T), zero where mask is zero.
     """
     advantage = -(student_token_logp - teacher_token_logp).detach()
-    return -advantage * student_token_logp * mask
+    if weight is not None:
+        advantage = advantage * weight.detach()
+    return _masked(-advantage * student_token_logp, mask)
 
 
 def sampled_kl(student_token_logp: torch.Tensor, teacher_token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The sampled-token KL estimate log p_s(y_t) - log p_t(y_t), (B, T), zero where masked."""
-    return (student_token_logp - teacher_token_logp).detach() * mask
+    return _masked((student_token_logp - teacher_token_logp).detach(), mask)
 
 
 def token_logp(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -84,8 +134,16 @@ def per_token_loss(
     tokens: torch.Tensor,
     mask: torch.Tensor,
     jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """Dispatch on the loss name; (B, T, V) log-probs, (B, T) tokens and mask -> (B, T) losses."""
+    """Dispatch on the loss name; (B, T, V) log-probs, (B, T) tokens and mask -> (B, T) losses.
+
+    temperature and top_p are those the rollouts were sampled with (used by `sampled` only).
+    The teacher's log-probs at masked positions are replaced by zeros first, so junk there (NaN,
+    -inf) reaches neither the loss nor the student's gradient.
+    """
+    teacher_logp = teacher_logp.detach().masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     if name == "reverse_kl":
         return reverse_kl(student_logp, teacher_logp, mask)
     if name == "forward_kl":
@@ -93,7 +151,9 @@ def per_token_loss(
     if name == "jsd":
         return generalized_jsd(student_logp, teacher_logp, mask, jsd_beta)
     if name == "sampled":
-        return sampled_token_pg(token_logp(student_logp, tokens), token_logp(teacher_logp, tokens), mask)
+        exact = temperature == 1.0 and top_p >= 1.0
+        weight = None if exact else importance_weight(student_logp, tokens, temperature, top_p)
+        return sampled_token_pg(token_logp(student_logp, tokens), token_logp(teacher_logp, tokens), mask, weight)
     raise ValueError(f"unknown loss '{name}'")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -30,10 +31,57 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _check_exists(spec: str) -> None:
-    looks_local = spec.startswith((".", "/", "~")) or Path(spec).exists()
-    if looks_local and not Path(spec).expanduser().is_dir():
-        raise ModelError(f"model directory '{spec}' does not exist")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers within `timeout` seconds (False at once when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+
+
+def locate(spec: str, model_cache: str | None = None) -> str:
+    """What from_pretrained takes for a model spec, or a ModelError that says what is wrong, at once.
+
+    packaged:NAME -> its converted directory. A path (it exists, or starts with '.', '/' or '~';
+    '~' is expanded) -> that directory, which must hold config.json. Anything else is a hub id: used
+    as it is when the hub answers, else taken from the local Hugging Face cache, else an error
+    (instead of a minute of download retries).
+    """
+    path = resolve(spec, model_cache)
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelError(f"model directory '{spec}' does not exist")
+        if not (local / "config.json").is_file():
+            raise ModelError(f"'{spec}' is a directory but not a model: it has no config.json (point to the folder "
+                             "that holds config.json, the weights and the tokenizer)")
+        return str(local)
+    if _hub_reachable():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: either way the message below
+        raise ModelError(
+            f"model '{spec}' is not a local directory, not in the local Hugging Face cache, and the hub cannot be "
+            "reached (offline): download it on a machine with network access, or give a local directory or "
+            "packaged:NAME (packaged:smollm2-135m-instruct, packaged:gemma3-270m)"
+        ) from None
 
 
 def _load_error(spec: str, err: Exception) -> ModelError:
@@ -46,8 +94,10 @@ def _load_error(spec: str, err: Exception) -> ModelError:
 
 def load_tokenizer(spec: str, model_cache: str | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token (EOS when it has none) and left padding."""
-    path = resolve(spec, model_cache)
-    _check_exists(path)
+    path = locate(spec, model_cache)
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model directory '{spec}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                         "tokenizer beside the model with tokenizer.save_pretrained(DIR)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -60,13 +110,22 @@ def load_tokenizer(spec: str, model_cache: str | None = None) -> PreTrainedToken
 
 def load_model(spec: str, dtype: torch.dtype, device: torch.device, model_cache: str | None = None):
     """An AutoModelForCausalLM in eval mode on `device`."""
-    path = resolve(spec, model_cache)
-    _check_exists(path)
+    path = locate(spec, model_cache)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _load_error(spec, err) from err
     return model.to(device).eval()
+
+
+def master_dtype(dtype: torch.dtype, lora_r: int) -> torch.dtype:
+    """The dtype the student's weights are kept in for training.
+
+    Full fine-tuning in bf16 keeps fp32 master weights and computes in bf16 under autocast: AdamW
+    on bf16 weights drops most updates (at lr 5e-6 a step is below bf16's spacing near 1.0). LoRA
+    keeps the frozen base in `dtype`; its adapters are fp32 already (peft).
+    """
+    return torch.float32 if lora_r == 0 else dtype
 
 
 def freeze(model):
@@ -122,15 +181,15 @@ def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTo
     return size
 
 
-def shared_vocab_size(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, student, teacher) -> int:
-    """The vocabulary both distributions are compared over: the student tokenizer's ids.
+def check_head_rows(vocab_size: int, student, teacher) -> int:
+    """The vocabulary both distributions are compared over: the student tokenizer's ids, 0..vocab_size-1.
 
-    Embedding matrices are often padded past the tokenizer (Qwen: 151,936 vs 152,064 rows); those
-    rows are never produced by the tokenizer, so logits are cut to the shared size.
+    LM heads are often padded past the tokenizer (Qwen: 151,936 rows for 151,665 tokens); those rows
+    are never produced by the tokenizer, so logits are cut to vocab_size and generation never samples
+    them. A head with fewer rows than the tokenizer cannot be used.
     """
-    size = shared_vocab(student_tok, teacher_tok)
     for role, model in (("student", student), ("teacher", teacher)):
         rows = model.get_output_embeddings().weight.shape[0]
-        if rows < size:
-            raise ModelError(f"the {role}'s LM head has {rows} rows but the tokenizer has {size} tokens")
-    return size
+        if rows < vocab_size:
+            raise ModelError(f"the {role}'s LM head has {rows} rows but the tokenizer has {vocab_size} tokens")
+    return vocab_size

@@ -68,6 +68,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], style: P
     return out
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The most prompt tokens one side may have, and the setting that makes it so (for messages)."""
+
+    side: str  # "student" or "teacher"
+    tokens: int
+    reason: str  # e.g. "max_prompt_tokens=512" or "the student's context of 2048 tokens minus rollout_tokens=100"
+
+
 def keep_fitting(
     student_ids: list[list[int]], teacher_ids: list[list[int]], student_limit: int, teacher_limit: int
 ) -> list[int]:
@@ -92,7 +101,15 @@ class PromptSet:
     problems: list[Problem]
     student_ids: list[list[int]]
     teacher_ids: list[list[int]]
-    dropped: int  # prompts removed because they did not fit a model's context
+    dropped: int  # prompts removed because they did not fit a limit
+    why_dropped: str = ""  # which limits they exceeded, for messages
+
+    def require(self, what: str) -> None:
+        """Raise a DataError naming the limit when every prompt was dropped."""
+        if not self.problems:
+            from esrdistill.data import DataError
+
+            raise DataError(f"every one of the {self.dropped} {what} is too long: {self.why_dropped}")
 
 
 def prepare(
@@ -101,16 +118,23 @@ def prepare(
     teacher_tokenizer: PreTrainedTokenizerBase,
     student_style: PromptStyle,
     teacher_style: PromptStyle,
-    student_limit: int,
-    teacher_limit: int,
+    student_limit: Limit,
+    teacher_limit: Limit,
 ) -> PromptSet:
     """Encode both views of every problem and drop the ones longer than a limit (never truncate)."""
     student_ids = encode(student_tokenizer, problems, student_style)
     teacher_ids = encode(teacher_tokenizer, problems, teacher_style)
-    keep = keep_fitting(student_ids, teacher_ids, student_limit, teacher_limit)
+    keep = keep_fitting(student_ids, teacher_ids, student_limit.tokens, teacher_limit.tokens)
+    reasons = []
+    for limit, ids in ((student_limit, student_ids), (teacher_limit, teacher_ids)):
+        over = sum(len(x) > limit.tokens for x in ids)
+        if over:
+            reasons.append(f"{over} {limit.side} prompts exceed {max(limit.tokens, 0)} tokens ({limit.reason}; "
+                           f"the shortest {limit.side} prompt has {min(len(x) for x in ids)})")
     return PromptSet(
         problems=[problems[i] for i in keep],
         student_ids=[student_ids[i] for i in keep],
         teacher_ids=[teacher_ids[i] for i in keep],
         dropped=len(problems) - len(keep),
+        why_dropped="; ".join(reasons),
     )

@@ -9,9 +9,11 @@ Conventions used everywhere in esrdistill:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
 
@@ -51,8 +53,36 @@ def pack(prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor, 
     return {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}
 
 
+@contextmanager
+def fp32_lm_head(model):
+    """Inside this block the LM head computes its logits in fp32, from a bf16 (or fp16) model too.
+
+    A bf16 head rounds every logit to bf16 before any upcast, which adds about 2.6e-4 nats per token
+    of spurious KL between two models (more than the KL left once a student is close). The body of
+    the model keeps its dtype; only the (B, T, H) x (V, H) product is done in fp32, with autocast off.
+    The head's own forward is patched on the instance for the duration, so whatever the model does
+    after its head (Gemma-2's logit soft-capping, say) still happens, on fp32 logits.
+    """
+    inner = getattr(model, "module", model)  # under DDP, the wrapped model
+    head = inner.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if getattr(head, "bias", None) is None else head.bias.float()
+            return F.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def response_logits(model, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Logits of `model` at the response positions only: (B, T, V_model), in the model's dtype.
+    """Logits of `model` at the response positions only: (B, T, V_model), always fp32.
 
     Nothing is computed through the LM head for prompt positions (logits_to_keep), which is what
     keeps a long prompt and a large vocabulary from costing a (B, P, V) tensor.
@@ -60,7 +90,8 @@ def response_logits(model, prompts: list[list[int]], responses: torch.Tensor, ma
     resp_len = responses.shape[1]
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in pack(prompts, responses, mask, pad_id).items()}
-    out = model(**inputs, logits_to_keep=resp_len + 1, use_cache=False)
+    with fp32_lm_head(model):
+        out = model(**inputs, logits_to_keep=resp_len + 1, use_cache=False)
     return out.logits[:, :-1, :]
 
 
@@ -77,32 +108,64 @@ class Rollouts:
         return self.mask.sum(-1)
 
 
-def generation_config(
-    max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int
-) -> GenerationConfig:
-    """An explicit GenerationConfig, so no model's own defaults (top_k=50, penalties) leak in."""
-    sample = temperature > 0
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled; every engine and every caller (training, eval, diagnose) uses these.
+
+    Nothing else shapes the distribution: not the model's own generation_config (a shipped
+    repetition_penalty, min_p, no_repeat_ngram_size, ...), not a default top_k.
+    """
+
+    max_new_tokens: int  # hard stop: ESR's K for training rollouts
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling; top_k is always off
+    eos_ids: tuple[int, ...] = ()  # any of these ends a response (and counts in its mask)
+    pad_id: int = 0
+    vocab_size: int | None = None  # ids >= vocab_size (padding rows of the LM head) are never sampled
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (forced lengths for benchmarks)
+
+
+def generation_config(sampling: Sampling, head_rows: int) -> GenerationConfig:
+    """The GenerationConfig of `sampling`, with every logits-shaping field explicitly neutral."""
+    sample = sampling.temperature > 0
+    beyond_vocab = list(range(sampling.vocab_size, head_rows)) if sampling.vocab_size else []
     return GenerationConfig(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens),
         do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=0 if sample else None,
-        eos_token_id=list(eos_ids),
-        pad_token_id=pad_id,
+        num_beams=1,
+        temperature=sampling.temperature if sample else 1.0,
+        top_p=sampling.top_p if sample else 1.0,
+        top_k=0,
+        typical_p=1.0,
+        min_p=0.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        suppress_tokens=beyond_vocab or None,  # applied before temperature and top_p: q is over the vocabulary
+        eos_token_id=list(sampling.eos_ids),
+        pad_token_id=sampling.pad_id,
     )
 
 
+@contextmanager
+def _blank_model_generation_config(model):
+    """transformers fills every field a GenerationConfig leaves unset from the model's own
+    generation_config; swap in a blank one for the call so nothing the model ships can leak in."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
-def sample(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    eos_ids: list[int],
-    pad_id: int,
-) -> Rollouts:
+def sample(model, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
     """Sample one response per prompt with HF generate (KV cache, left padding).
 
     max_new_tokens is a hard stop: ESR sets it to K, so no token past K is ever generated.
@@ -110,16 +173,18 @@ def sample(
     """
     device = next(model.parameters()).device
     empty = torch.zeros((len(prompts), 0), dtype=torch.long)
-    inputs = pack(prompts, empty, empty.float(), pad_id)
+    inputs = pack(prompts, empty, empty.float(), sampling.pad_id)
+    head_rows = model.get_output_embeddings().weight.shape[0]
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            generation_config=generation_config(max_new_tokens, temperature, top_p, eos_ids, pad_id),
-        )
+        with _blank_model_generation_config(model):
+            out = model.generate(
+                input_ids=inputs["input_ids"].to(device),
+                attention_mask=inputs["attention_mask"].to(device),
+                generation_config=generation_config(sampling, head_rows),
+            )
     finally:
         model.train(was_training)
     responses = out[:, inputs["input_ids"].shape[1] :].cpu()
-    return Rollouts(prompts=prompts, responses=responses, mask=response_mask(responses, eos_ids))
+    return Rollouts(prompts=prompts, responses=responses, mask=response_mask(responses, sampling.eos_ids))

@@ -101,3 +101,11 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def rewrite_metrics(run_dir: str | Path, rows: list[dict]) -> None:
+    """Replace metrics.jsonl by `rows`, atomically (a temporary file renamed over it)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)

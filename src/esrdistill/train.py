@@ -9,6 +9,7 @@ several processes (each samples its share of the batch; gradients are summed acr
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -21,11 +22,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, losses, order, rollout, teacher as teacher_scoring
+from esrdistill import build, checkpoint, losses, order, ranks, rollout, teacher as teacher_scoring
 from esrdistill.config import Config, ConfigError, save_config, to_dict
-from esrdistill.data import DataError
+from esrdistill.errors import UserError
 from esrdistill.evaluate import evaluate
-from esrdistill.tracking import MetricsLogger, PhaseTimer, peak_memory_mb, read_metrics, reset_peak_memory
+from esrdistill.tracking import MetricsLogger, PhaseTimer, peak_memory_mb, read_metrics, reset_peak_memory, rewrite_metrics
 
 
 class TrainingInterrupted(Exception):
@@ -37,18 +38,26 @@ class TrainingInterrupted(Exception):
 
 
 class _InterruptFlag:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once.
 
-    def __init__(self) -> None:
+    Under a launcher (several processes) the second SIGINT is ignored: torch's launcher forwards the
+    terminal's Ctrl-C to every process a second time, and would otherwise turn a clean stop into an
+    abrupt one. The launcher still kills the processes if they take longer than its grace period.
+    """
+
+    def __init__(self, several_processes: bool = False) -> None:
         self.set = False
+        self.several_processes = several_processes
         self._previous = None
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.set:
+            if self.set and not self.several_processes:
                 raise KeyboardInterrupt
+            if not self.set:
+                tqdm.write("Interrupt: finishing this step and saving a checkpoint"
+                           + ("" if self.several_processes else " (Ctrl-C again to stop now)") + ".")
             self.set = True
-            tqdm.write("Interrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop now).")
 
         try:
             self._previous = signal.signal(signal.SIGINT, handler)
@@ -61,68 +70,92 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _prepare_run_dir(cfg: Config, is_main: bool, log) -> Path:
-    run_dir = Path(cfg.run_dir)
-    if is_main:
-        has_run = (run_dir / "metrics.jsonl").exists() or checkpoint.checkpoints_root(run_dir).exists()
-        if has_run and not cfg.resume:
-            raise FileExistsError(
-                f"run_dir {run_dir} already holds a run: pass resume=true to continue it, or choose another run_dir"
-            )
-        if cfg.resume and (run_dir / "config.yaml").is_file():
-            before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-            changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v)
-            if changed:
-                log(f"Warning: resuming with changed settings: {', '.join(changed)}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+class TrainingDiverged(UserError):
+    """Too many steps in a row had a NaN or inf loss or gradient; the weights on disk are the last finite ones."""
+
+
+def _check_run_dir(cfg: Config, log) -> Path:
+    """Refuse to start over a run unless resuming; warn about settings that changed since it started.
+    Nothing is written here: config.yaml is written once the whole setup has succeeded."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    has_run = (run_dir / "metrics.jsonl").exists() or checkpoint.checkpoints_root(run_dir).exists()
+    if has_run and not cfg.resume:
+        raise FileExistsError(
+            f"run_dir {run_dir} already holds a run: pass resume=true to continue it, or choose another run_dir"
+        )
+    if cfg.resume and (run_dir / "config.yaml").is_file():
+        before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v)
+        if changed:
+            log(f"Warning: resuming with changed settings: {', '.join(changed)}")
     return run_dir
 
 
-def _trim_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop metric lines of steps after the checkpoint we resume from (they will be redone)."""
-    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= last_step]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+def _trim_metrics(run_dir: Path, last_step: int, log) -> None:
+    """Drop metric lines of steps after `last_step` (they will be redone), atomically."""
+    rows = read_metrics(run_dir)
+    kept = [m for m in rows if m.get("step", 0) <= last_step]
+    if len(kept) < len(rows):
+        log(f"Dropping the metrics of {len(rows) - len(kept)} steps after step {last_step}, which will be redone")
+        rewrite_metrics(run_dir, kept)
 
 
 def train(cfg: Config, log=tqdm.write) -> Path:
     """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    if cfg.device == "cuda" and accelerator.device.type != "cuda":
-        raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
-    device, is_main = accelerator.device, accelerator.is_main_process
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    run_dir = _prepare_run_dir(cfg, is_main, log)
-    set_seed(cfg.seed)
+    device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    say = log if is_main else (lambda message: None)
 
-    # ---- models, data, prompts -------------------------------------------------------------------
-    with accelerator.main_process_first():  # the first process converts packaged models, once
+    # ---- setup: checks, models, data, prompts; a failure on any process stops them all -------------
+    with ranks.fail_together(accelerator):
+        if cfg.device == "cuda" and device.type != "cuda":
+            raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
+        if cfg.batch_size % procs:
+            raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {procs} processes")
+        run_dir = _check_run_dir(cfg, say) if is_main else Path(cfg.run_dir).expanduser()
+        task = build.task(cfg)
+        grade = build.grader(cfg, task)  # a bad grader fails here, before minutes of model loading
+        if is_main:  # the first process converts packaged models, once
+            build.prepare_models(cfg)
+    accelerator.wait_for_everyone()
+    with ranks.fail_together(accelerator):
+        set_seed(cfg.seed)
         pair = build.pair(cfg, device, trainable=True)
-    task = build.task(cfg)
-    rollout_len = build.rollout_length(cfg)  # ESR: K tokens; a full rollout: max_new_tokens
-    train_set = build.prompt_set(cfg, pair, task, task.train, rollout_len)
-    eval_set = build.prompt_set(cfg, pair, task, task.eval, cfg.max_new_tokens)
-    grade = build.grader(cfg, task)
-    if not train_set.problems:
-        raise DataError(f"every one of the {train_set.dropped} training prompts is longer than the models' context")
-    if is_main:
-        log(f"{len(train_set.problems)} training prompts ({train_set.dropped} dropped as too long), "
-            f"{len(eval_set.problems)} eval problems ({eval_set.dropped} dropped), rollouts of {rollout_len} tokens")
+        rollout_len = build.rollout_length(cfg)  # ESR: K tokens; a full rollout: max_new_tokens
+        train_set = build.prompt_set(cfg, pair, task, task.train, rollout_len, build.rollout_length_key(cfg))
+        eval_set = build.prompt_set(cfg, pair, task, task.eval, cfg.max_new_tokens, "max_new_tokens")
+        train_set.require("training prompts")
+    sampling = build.rollout_sampling(cfg, pair, rollout_len)
+    eval_sampling = build.eval_sampling(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size)
     pad_id = pair.tokenizer.pad_token_id
+    say(f"{len(train_set.problems)} training prompts ({train_set.dropped} dropped as too long), "
+        f"{len(eval_set.problems)} eval problems ({eval_set.dropped} dropped), rollouts of {rollout_len} tokens")
+    for note in (train_set.why_dropped, task.skipped and f"{task.skipped} rows skipped: {task.skipped_why}"):
+        if note:
+            say(f"Note: {note}")
+    if cfg.loss == "sampled" and cfg.top_p < 1:
+        say(f"Warning: loss=sampled with top_p={cfg.top_p}: tokens outside the nucleus are never sampled, so the "
+            "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
 
     # ---- optimisation ----------------------------------------------------------------------------
     params = [p for p in pair.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
-    student, optimizer, scheduler = accelerator.prepare(pair.student, optimizer, scheduler)
+    student, optimizer = accelerator.prepare(pair.student, optimizer)
     plain_student = accelerator.unwrap_model(student)  # for generate, saving and evaluation
     start_step = 0
-    if cfg.resume and (found := checkpoint.latest(run_dir)) is not None:
-        start_step = checkpoint.load(found, plain_student, optimizer, scheduler)
-        if is_main:
-            _trim_metrics(run_dir, start_step)
-            log(f"Resumed from {found} (step {start_step})")
+    with ranks.fail_together(accelerator):
+        if cfg.resume and (found := checkpoint.latest(run_dir)) is not None:
+            start_step = checkpoint.load(found, plain_student, optimizer, scheduler)
+            say(f"Resumed from {found} (step {start_step})")
+        elif cfg.resume:
+            say(f"No checkpoint in {run_dir}: starting at step 0")
+        if is_main:  # setup succeeded: only now is the run's record touched
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            if cfg.resume:
+                _trim_metrics(run_dir, start_step, say)
     logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
     teacher_micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     best = {"step": None, "accuracy": -1.0}
@@ -131,22 +164,22 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
-    last_saved = start_step
-    with _InterruptFlag() as interrupt:
+    last_saved, skipped_in_row = start_step, 0
+    with _InterruptFlag(several_processes=procs > 1) as interrupt:
         for step in range(start_step, cfg.steps):
             timer = PhaseTimer()
             step_start = time.perf_counter()
             reset_peak_memory(device)
             set_seed(order.step_seed(cfg.seed, step, accelerator.process_index))
             rows = order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed)
-            rows = rows[accelerator.process_index :: accelerator.num_processes]  # this process's share
+            rows = rows[accelerator.process_index :: procs]  # this process's share
             student_prompts = [train_set.student_ids[i] for i in rows]
             teacher_prompts = [train_set.teacher_ids[i] for i in rows]
 
             # ---- 1. rollout: the student samples its own responses --------------------------------
-            with timer("rollout"):
+            with timer("rollout"), pair.autocast():
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
-                batch = rollout.sample(plain_student, student_prompts, rollout_len, cfg.temperature, cfg.top_p, pair.eos_ids, pad_id)
+                batch = rollout.sample(plain_student, student_prompts, sampling)
             tokens_global = accelerator.reduce(batch.mask.sum().to(device), "sum").item()  # counted tokens, all processes
             denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else tokens_global
 
@@ -169,33 +202,41 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 with timer("train"):
                     sync = accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext()
                     with sync:
-                        logits = rollout.response_logits(student, group_student_prompts, responses, mask_cpu, pad_id)
+                        with pair.autocast():
+                            logits = rollout.response_logits(student, group_student_prompts, responses, mask_cpu, pad_id)
                         student_logp = teacher_scoring.log_probs(logits, pair.vocab_size)  # (b, T, V) fp32
-                        per_token = losses.per_token_loss(cfg.loss, student_logp, teacher_logp, tokens, mask, cfg.jsd_beta)
+                        per_token = losses.per_token_loss(cfg.loss, student_logp, teacher_logp, tokens, mask, cfg.jsd_beta,
+                                                          cfg.temperature, cfg.top_p)
                         loss = losses.reduce_loss(per_token, mask, cfg.loss_norm, denominator)
                         # DDP averages gradients over processes; scaling by their number makes it a sum.
-                        accelerator.backward(loss * accelerator.num_processes)
+                        accelerator.backward(loss * procs)
                     with torch.no_grad():
                         sums["loss"] += loss.item()
                         sums["kl_reverse"] += losses.reverse_kl(student_logp, teacher_logp, mask).sum().item()
                         s_tok, t_tok = losses.token_logp(student_logp, tokens), losses.token_logp(teacher_logp, tokens)
                         sums["kl_sampled"] += losses.sampled_kl(s_tok, t_tok, mask).sum().item()
-                        sums["agree"] += ((student_logp.argmax(-1) == teacher_logp.argmax(-1)).float() * mask).sum().item()
-                        sums["teacher_entropy"] += (-(teacher_logp.exp() * teacher_logp).sum(-1) * mask).sum().item()
+                        sums["agree"] += ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & mask.bool()).sum().item()
+                        sums["teacher_entropy"] += torch.where(mask.bool(), -(teacher_logp.exp() * teacher_logp).sum(-1), 0.0).sum().item()
                 del teacher_logp, student_logp, logits, per_token, loss
+            totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
 
-            # ---- 5. optimizer step ---------------------------------------------------------------
+            # ---- 5. optimizer step, skipped when the loss or the gradient is not finite ------------
             with timer("train"):
                 lr = scheduler.get_last_lr()[0]
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
+                finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)  # the same on every process
+                if finite:
+                    optimizer.step()
+                scheduler.step()  # the schedule stays a function of the step, skipped or not
                 optimizer.zero_grad(set_to_none=True)
+            skipped_in_row = 0 if finite else skipped_in_row + 1
             done = step + 1
+            if not finite:
+                say(f"Warning: step {done} skipped: loss {totals['loss']}, gradient norm {grad_norm} "
+                    f"({skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
 
             # ---- 6. log, evaluate, checkpoint ------------------------------------------------------
-            totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
             metrics = {
                 "loss": totals["loss"],
                 "kl/reverse": totals["kl_reverse"] / max(tokens_global, 1),
@@ -208,24 +249,26 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 "rollout/prompt_tokens": int(totals["prompt_tokens"]),
                 "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
                 "optim/lr": lr,
-                "optim/grad_norm": float(grad_norm),
+                "optim/grad_norm": grad_norm,
+                "optim/skipped": int(not finite),
             }
+            new_best = False
             if cfg.eval_every and eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
                     if is_main:
-                        result = evaluate(plain_student, pair.tokenizer, eval_set.student_ids, eval_set.problems, grade,
-                                          pair.eos_ids, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_samples,
-                                          cfg.eval_temperature, cfg.eval_top_p, progress=cfg.progress)
+                        with pair.autocast():
+                            result = evaluate(plain_student, pair.tokenizer, eval_set.student_ids, eval_set.problems, grade,
+                                              eval_sampling, cfg.eval_batch_size, cfg.eval_samples, progress=cfg.progress)
                         result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
                         metrics.update(result.metrics("eval"))
                         if result.accuracy > best["accuracy"]:
-                            best = {"step": done, "accuracy": result.accuracy}
+                            best, new_best = {"step": done, "accuracy": result.accuracy}, True
                         metrics["eval/best_step"] = best["step"]
                     accelerator.wait_for_everyone()
-            if cfg.save_every and done % cfg.save_every == 0:
+            if cfg.save_every and (done % cfg.save_every == 0 or new_best):  # the best evaluation keeps its checkpoint
                 with timer("save"):
                     if is_main:
-                        checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints)
+                        checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
                     last_saved = done
                     accelerator.wait_for_everyone()
             metrics.update({f"time/{phase}_s": s for phase, s in timer.seconds.items()})
@@ -236,20 +279,33 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl/reverse']:.4f}",
                             len=f"{metrics['rollout/len_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
-            if interrupt.set:
-                path = checkpoint.latest(run_dir)
-                if last_saved != done and is_main:
-                    path = checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints)
+            if skipped_in_row >= cfg.max_skipped_steps:
                 bar.close()
                 if logger is not None:
                     logger.close()
-                raise TrainingInterrupted(done, path)
+                saved = checkpoint.latest(run_dir)
+                raise TrainingDiverged(
+                    f"{skipped_in_row} steps in a row had a non-finite loss or gradient (last: step {done}); stopping. "
+                    f"The weights were never updated with them; the newest checkpoint is {saved or 'none'}. Lower lr, "
+                    f"check the data, or raise max_skipped_steps"
+                )
+            if ranks.any_process(accelerator, interrupt.set):  # a Ctrl-C on any process stops all after this step
+                path = checkpoint.latest(run_dir)
+                if last_saved != done and is_main:
+                    path = checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
+                accelerator.wait_for_everyone()
+                bar.close()
+                if logger is not None:
+                    logger.close()
+                raise TrainingInterrupted(done, path or checkpoint.checkpoints_root(run_dir) / f"step_{done:07d}")
     bar.close()
 
     # ---- final model -----------------------------------------------------------------------------
     if is_main:
-        checkpoint.save_final(run_dir / "final", plain_student, pair.tokenizer, cfg.merge_lora)
-        summary = {"steps": cfg.steps, "best_eval_step": best["step"], "best_eval_accuracy": best["accuracy"] if best["step"] else None}
+        checkpoint.save_final(run_dir / "final", plain_student, pair.tokenizer, cfg.merge_lora, pair.dtype)
+        best_checkpoint = checkpoint.find(run_dir, best["step"]) if best["step"] else None
+        summary = {"steps": cfg.steps, "best_eval_step": best["step"], "best_eval_accuracy": best["accuracy"] if best["step"] else None,
+                   "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.close()
         log(f"Final student saved to {run_dir / 'final'}")
