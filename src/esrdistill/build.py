@@ -71,14 +71,17 @@ def styles(cfg: Config, task: Task) -> tuple[prompts.PromptStyle, prompts.Prompt
 
 @dataclass
 class Pair:
-    """A student and a teacher that share a tokenizer, on one device."""
+    """A student and a teacher on one device."""
 
     student: torch.nn.Module  # with LoRA (or fully trainable) when built for training
     teacher: torch.nn.Module  # frozen, eval mode
     tokenizer: object  # the student's tokenizer
-    teacher_tokenizer: object  # the same vocabulary, maybe another chat template
-    vocab_size: int  # logits are compared over the first vocab_size entries; no id past it is sampled
-    eos_ids: list[int]
+    teacher_tokenizer: object
+    vocab_size: int  # the student's vocabulary; no id past it is sampled (logits are cut to it)
+    eos_ids: list[int]  # the student's
+    teacher_eos_ids: list[int]
+    relation: str  # same | appends | different (models.tokenizer_relation)
+    cross: bool  # the teacher re-reads the student's text with its own tokenizer
     device: torch.device
     dtype: torch.dtype  # the compute dtype; a fully fine-tuned student keeps fp32 master weights
 
@@ -90,27 +93,56 @@ class Pair:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def describe(self) -> str:
+        if not self.cross:
+            extra = len(self.teacher_tokenizer) - self.vocab_size
+            return "tokenizers: the same" if extra == 0 else f"tokenizers: the teacher's appends {extra} tokens to the student's"
+        why = "they differ" if self.relation == models.DIFFERENT else "cross_tokenizer=on"
+        return (f"tokenizers: cross-tokenizer distillation ({why}: {self.vocab_size:,} student tokens, "
+                f"{len(self.teacher_tokenizer):,} teacher tokens)")
+
 
 def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.model_cache)
-    vocab = models.shared_vocab(tokenizer, teacher_tokenizer)  # refuse different tokenizers before loading weights
+    relation = models.tokenizer_relation(tokenizer, teacher_tokenizer)
+    if cfg.cross_tokenizer == "off":
+        models.shared_vocab(tokenizer, teacher_tokenizer)  # refuses different tokenizers, before loading weights
+    cross = relation == models.DIFFERENT or cfg.cross_tokenizer == "on"
     student_dtype = models.master_dtype(dtype, cfg.lora_r) if trainable else dtype
     student = models.load_model(cfg.student, student_dtype, device, cfg.model_cache)
     if trainable:
         student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     teacher = models.freeze(models.load_model(cfg.teacher, dtype, device, cfg.model_cache))
+    vocab = len(tokenizer.get_vocab())
     return Pair(
         student=student,
         teacher=teacher,
         tokenizer=tokenizer,
         teacher_tokenizer=teacher_tokenizer,
-        vocab_size=models.check_head_rows(vocab, student, teacher),
+        vocab_size=models.check_head_rows(vocab, student, teacher, len(teacher_tokenizer.get_vocab()) if cross else None),
         eos_ids=models.eos_ids(tokenizer, student),
+        teacher_eos_ids=models.eos_ids(teacher_tokenizer, teacher),
+        relation=relation,
+        cross=cross,
         device=device,
         dtype=dtype,
     )
+
+
+def teacher(cfg: Config, pair: Pair):
+    """The teacher's scorer: the student's own ids, or (across tokenizers) the student's text re-read."""
+    from esrdistill.teacher import LossSettings, SameTokenizer
+
+    settings = LossSettings(loss=cfg.loss, jsd_beta=cfg.jsd_beta, temperature=cfg.temperature, top_p=cfg.top_p)
+    micro = cfg.teacher_micro_batch or cfg.micro_batch_size
+    if not pair.cross:
+        return SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings)
+    from esrdistill.xteacher import CrossTokenizer
+
+    return CrossTokenizer(pair.teacher, pair.tokenizer, pair.teacher_tokenizer, pair.eos_ids, pair.teacher_eos_ids, micro,
+                          settings, cfg.xtok_loss, cfg.xtok_align, cfg.xtok_teacher_floor, cfg.xtok_uld_weight)
 
 
 def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int) -> rollout.Sampling:

@@ -24,6 +24,9 @@ LOSS_NORMS = ("trajectory", "token")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GRADERS = ("auto", "reasoning_gym", "math", "exact")
 ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "lenient", "none")
+CROSS_TOKENIZER = ("auto", "on", "off")
+XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
+XTOK_ALIGN = ("start", "middle")
 
 
 class ConfigError(UserError, ValueError):
@@ -51,6 +54,12 @@ class Config:
     teacher_fewshot: int = 0  # worked examples (held-out rows) the teacher alone sees as earlier turns
     fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example: {answer} and {FIELD} of its row
     teacher_prompt_suffix: str = ""  # text the teacher alone sees after its chat template (e.g. an empty think block)
+    cross_tokenizer: str = "auto"  # auto (when the tokenizers differ) | on (always re-read the text) | off (refuse different tokenizers)
+    xtok_loss: str = "matched_kl"  # across tokenizers: matched_kl (loss on the shared tokens) | uld | hybrid (matched_kl + ULD on the rest)
+    xtok_align: str = "start"  # across tokenizers: start (same text context, else masked) | middle (the paper's: teacher token at the middle byte)
+    xtok_teacher_floor: float = -20.0  # across tokenizers: the teacher's log-probs on the shared tokens are floored here
+    xtok_uld_weight: float = 1.0  # xtok_loss=hybrid: weight of the ULD term on the unmapped tokens
+    xtok_min_mapped_mass: float = 0.5  # warn when the probability mass on shared tokens falls below this
     max_prompt_tokens: Optional[int] = None  # drop longer prompts; null = model context minus rollout length
 
     # ---- rollout ------------------------------------------------------------------------------
@@ -187,6 +196,12 @@ def validate(cfg: Config) -> Config:
          f"teacher_micro_batch={cfg.teacher_micro_batch} is larger than micro_batch_size={cfg.micro_batch_size}, and the teacher "
          "scores one student micro-batch at a time, so it would have no effect: raise micro_batch_size, or leave "
          "teacher_micro_batch at null")
+    need(cfg.cross_tokenizer in CROSS_TOKENIZER, f"cross_tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, got '{cfg.cross_tokenizer}'")
+    need(cfg.xtok_loss in XTOK_LOSSES, f"xtok_loss must be one of {', '.join(XTOK_LOSSES)}, got '{cfg.xtok_loss}'")
+    need(cfg.xtok_align in XTOK_ALIGN, f"xtok_align must be one of {', '.join(XTOK_ALIGN)}, got '{cfg.xtok_align}'")
+    need(cfg.xtok_teacher_floor < 0, f"xtok_teacher_floor must be < 0 (a log-probability), got {cfg.xtok_teacher_floor}")
+    need(cfg.xtok_uld_weight >= 0, f"xtok_uld_weight must be >= 0, got {cfg.xtok_uld_weight}")
+    need(0 <= cfg.xtok_min_mapped_mass <= 1, f"xtok_min_mapped_mass must be in [0, 1], got {cfg.xtok_min_mapped_mass}")
     need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
     need(not (cfg.dtype == "float16" and cfg.lora_r == 0),
          "dtype=float16 with full fine-tuning (lora_r=0) is not supported (it would need loss scaling): use "

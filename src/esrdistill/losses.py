@@ -127,6 +127,22 @@ def token_logp(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def uld(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al., 2024): per token, the L1 distance between the two
+    distributions' probabilities sorted in decreasing order, the shorter vocabulary padded with zeros.
+
+    It needs no mapping between the vocabularies: only the shapes of the distributions are compared.
+    student_probs: (B, T, Vs) with gradient; teacher_probs: (B, T, Vt), any Vs and Vt (probabilities
+    need not sum to 1: the hybrid loss passes the unmapped part). Returns (B, T), zero where masked.
+    """
+    s_sorted = student_probs.sort(dim=-1, descending=True).values
+    t_sorted = teacher_probs.detach().sort(dim=-1, descending=True).values
+    width = max(s_sorted.shape[-1], t_sorted.shape[-1])
+    s_sorted = torch.nn.functional.pad(s_sorted, (0, width - s_sorted.shape[-1]))
+    t_sorted = torch.nn.functional.pad(t_sorted, (0, width - t_sorted.shape[-1]))
+    return _masked((s_sorted - t_sorted).abs().sum(-1), mask)
+
+
 def per_token_loss(
     name: str,
     student_logp: torch.Tensor,

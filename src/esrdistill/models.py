@@ -161,35 +161,46 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> int:
-    """The number of leading token ids on which both tokenizers agree, or a ModelError.
+SAME, APPENDS, DIFFERENT = "same", "appends", "different"
 
-    Identical tokenizers share all of them. A teacher whose tokenizer only appends tokens to the
-    student's (Qwen3's <think> tokens after Qwen2.5's vocabulary) shares the student's whole
-    vocabulary; the teacher's extra entries are cut and its distribution renormalised over the
-    shared ones, which the student can all produce. Anything else is a different tokenizer.
-    """
+
+def tokenizer_relation(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> str:
+    """same: identical ids. appends: the teacher's tokenizer has every student id with the same meaning
+    and more after them (Qwen3's <think> tokens after Qwen2.5's vocabulary). different: anything else."""
     student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    size = len(student_vocab)
     same_ids = all(teacher_vocab.get(token) == index for token, index in student_vocab.items())
-    if not same_ids or sorted(student_vocab.values()) != list(range(size)):
+    if not same_ids or sorted(student_vocab.values()) != list(range(len(student_vocab))):
+        return DIFFERENT
+    return SAME if len(teacher_vocab) == len(student_vocab) else APPENDS
+
+
+def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> int:
+    """The number of leading token ids on which both tokenizers agree (the student's whole vocabulary),
+    or a ModelError when they differ.
+
+    A teacher whose tokenizer only appends tokens shares the student's whole vocabulary; the
+    teacher's extra entries are cut and its distribution renormalised over the shared ones, which the
+    student can all produce. Different tokenizers need the cross-tokenizer path (xteacher.py).
+    """
+    if tokenizer_relation(student_tok, teacher_tok) == DIFFERENT:
         raise ModelError(
-            f"the student's and the teacher's tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} "
-            "tokens, not the same ids): cross-tokenizer distillation is not supported yet. Pick a teacher and "
-            "a student that share a tokenizer."
+            f"the student's and the teacher's tokenizers differ ({len(student_tok)} vs {len(teacher_tok)} tokens, not "
+            "the same ids) and cross_tokenizer=off: set cross_tokenizer=auto to distil across tokenizers, or pick a "
+            "teacher that shares the student's tokenizer"
         )
-    return size
+    return len(student_tok.get_vocab())
 
 
-def check_head_rows(vocab_size: int, student, teacher) -> int:
-    """The vocabulary both distributions are compared over: the student tokenizer's ids, 0..vocab_size-1.
+def check_head_rows(vocab_size: int, student, teacher, teacher_vocab_size: int | None = None) -> int:
+    """The vocabulary both distributions are compared over: the student tokenizer's ids, 0..vocab_size-1
+    (the teacher's own vocabulary is teacher_vocab_size when its tokenizer differs).
 
     LM heads are often padded past the tokenizer (Qwen: 151,936 rows for 151,665 tokens); those rows
     are never produced by the tokenizer, so logits are cut to vocab_size and generation never samples
     them. A head with fewer rows than the tokenizer cannot be used.
     """
-    for role, model in (("student", student), ("teacher", teacher)):
+    for role, model, size in (("student", student, vocab_size), ("teacher", teacher, teacher_vocab_size or vocab_size)):
         rows = model.get_output_embeddings().weight.shape[0]
-        if rows < vocab_size:
-            raise ModelError(f"the {role}'s LM head has {rows} rows but the tokenizer has {vocab_size} tokens")
+        if rows < size:
+            raise ModelError(f"the {role}'s LM head has {rows} rows but the tokenizer has {size} tokens")
     return vocab_size

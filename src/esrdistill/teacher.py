@@ -1,10 +1,22 @@
-"""Teacher scoring: the frozen teacher's log-probabilities over the full vocabulary, at the
-student's response positions only, computed in micro-batches."""
+"""Teacher scoring, one interface for every kind of teacher:
+
+    plan = teacher.plan(teacher_prompts, responses, mask)   # what the teacher reads; positions that count
+    scores = teacher.score(plan, rows, width)               # the teacher's log-probs, no grad
+    comparison = teacher.compare(student_logp, scores, tokens)   # per-token loss and metrics
+
+`SameTokenizer` (here) scores the student's own ids: the teacher shares the student's vocabulary (or
+appends tokens to it). `CrossTokenizer` (xteacher.py) re-reads the student's text with the teacher's
+tokenizer and compares the two on the tokens they share. The training loop calls the same names
+whatever the teacher is.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from esrdistill import losses
 from esrdistill.rollout import response_logits
 
 
@@ -30,7 +42,7 @@ def score(
     """Teacher log-probs at the response positions: (B, T, vocab_size) fp32, on the teacher's device.
 
     prompts: the teacher's own prompt ids (its chat template, few-shot turns and suffix), one per row.
-    responses, mask: (B, T) the student's response and its response mask.
+    responses, mask: (B, T) the response ids the teacher reads and their mask.
     The teacher runs over at most `micro_batch` rows at once, and never through its LM head at
     prompt positions, so memory grows with B * T * V, not with the prompt length.
     """
@@ -41,3 +53,84 @@ def score(
         chunks.append(log_probs(logits, vocab_size))
         del logits
     return torch.cat(chunks, dim=0)
+
+
+@dataclass
+class Plan:
+    """What the teacher reads for one batch of rollouts, and which student positions count."""
+
+    prompts: list[list[int]]  # the teacher's prompt ids, one per row
+    responses: torch.Tensor  # (B, Tt) the response ids the teacher reads (the student's own, when shared)
+    response_mask: torch.Tensor  # (B, Tt)
+    mask: torch.Tensor  # (B, T) student positions that count: in the response and with a teacher position
+    positions: torch.Tensor | None = None  # (B, T) teacher position of each student position (-1: none); None: the same
+    ratios: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (numerator, denominator)
+
+
+@dataclass
+class Scores:
+    """The teacher's view of one micro-batch."""
+
+    logp: torch.Tensor  # (b, T, C) teacher log-probs over the space both are compared in, no grad
+    mask: torch.Tensor  # (b, T) positions that count
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # what a teacher kind needs besides
+
+
+@dataclass
+class Comparison:
+    per_token: torch.Tensor  # (b, T) loss, zero where the mask is
+    metrics: dict[str, torch.Tensor]  # metric name -> (b, T) values, averaged over counted positions when logged
+
+
+@dataclass
+class LossSettings:
+    """The loss settings a teacher compares with (from the config)."""
+
+    loss: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0  # of the rollouts (the sampled loss weights by it)
+    top_p: float = 1.0
+
+
+def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                       reverse_kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-position metrics of two distributions over the same space, (b, T) each, zero where masked.
+    `reverse_kl`, when the loss already computed it, is reused rather than computed again."""
+    counted = mask.bool()
+    with torch.no_grad():
+        if reverse_kl is None:
+            reverse_kl = losses.reverse_kl(student_logp, teacher_logp, mask)
+        entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
+        return {
+            "kl/reverse": reverse_kl.detach(),
+            "teacher/entropy": torch.where(counted, entropy, 0.0),
+            "agree/top1": ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & counted).float(),
+        }
+
+
+class SameTokenizer:
+    """A teacher that reads the student's own token ids (the same tokenizer, or one that appends tokens)."""
+
+    kind = "same"
+    constant_metrics: dict[str, float] = {}
+
+    def __init__(self, model, pad_id: int, vocab_size: int, micro_batch: int, settings: LossSettings):
+        self.model, self.pad_id, self.vocab_size, self.micro_batch, self.settings = model, pad_id, vocab_size, micro_batch, settings
+
+    def plan(self, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor) -> Plan:
+        return Plan(prompts=prompts, responses=responses, response_mask=mask, mask=mask)
+
+    def score(self, plan: Plan, rows: list[int], width: int) -> Scores:
+        responses, mask = plan.responses[rows, :width], plan.response_mask[rows, :width]
+        logp = score(self.model, [plan.prompts[r] for r in rows], responses, mask, self.pad_id, self.vocab_size, self.micro_batch)
+        return Scores(logp=logp, mask=plan.mask[rows, :width].to(logp.device))
+
+    def compare(self, student_logp: torch.Tensor, scores: Scores, tokens: torch.Tensor) -> Comparison:
+        s = self.settings
+        mask = scores.mask
+        per_token = losses.per_token_loss(s.loss, student_logp, scores.logp, tokens, mask, s.jsd_beta, s.temperature, s.top_p)
+        metrics = divergence_metrics(student_logp, scores.logp, mask, per_token if s.loss == "reverse_kl" else None)
+        with torch.no_grad():
+            metrics["kl/sampled"] = losses.sampled_kl(losses.token_logp(student_logp, tokens),
+                                                      losses.token_logp(scores.logp, tokens), mask)
+        return Comparison(per_token=per_token, metrics=metrics)

@@ -2,8 +2,8 @@
 
     for each step:  sample rollouts (K tokens) -> score with the teacher -> loss -> step -> log -> save
 
-Run it with `esrdistill train CONFIG.yaml`, or `accelerate launch -m esrdistill.cli train ...` for
-several processes (each samples its share of the batch; gradients are summed across them).
+Run it with `esrdistill train CONFIG.yaml`, or `accelerate launch --multi_gpu --num_processes N -m
+esrdistill.cli train ...` for N processes (each samples its share of the batch; gradients are summed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,13 +101,23 @@ def _trim_metrics(run_dir: Path, last_step: int, log) -> None:
         rewrite_metrics(run_dir, kept)
 
 
-def train(cfg: Config, log=tqdm.write) -> Path:
-    """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
-    say = log if is_main else (lambda message: None)
+@dataclass
+class _Setup:
+    """What the loop needs, built from the config once."""
 
-    # ---- setup: checks, models, data, prompts; a failure on any process stops them all -------------
+    run_dir: Path
+    pair: build.Pair
+    teacher: object  # teacher.SameTokenizer or xteacher.CrossTokenizer
+    train_set: object  # prompts.PromptSet
+    eval_set: object
+    grade: object
+    sampling: rollout.Sampling  # the rollouts'
+    eval_sampling: rollout.Sampling
+
+
+def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
+    """Checks, data, models and prompts. A failure on any process stops every process with its message."""
+    device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     with ranks.fail_together(accelerator):
         if cfg.device == "cuda" and device.type != "cuda":
             raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
@@ -121,23 +132,35 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     with ranks.fail_together(accelerator):
         set_seed(cfg.seed)
         pair = build.pair(cfg, device, trainable=True)
+        teacher = build.teacher(cfg, pair)
         rollout_len = build.rollout_length(cfg)  # ESR: K tokens; a full rollout: max_new_tokens
         train_set = build.prompt_set(cfg, pair, task, task.train, rollout_len, build.rollout_length_key(cfg))
         eval_set = build.prompt_set(cfg, pair, task, task.eval, cfg.max_new_tokens, "max_new_tokens")
         train_set.require("training prompts")
-    sampling = build.rollout_sampling(cfg, pair, rollout_len)
-    eval_sampling = build.eval_sampling(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size)
-    pad_id = pair.tokenizer.pad_token_id
     say(f"{len(train_set.problems)} training prompts ({train_set.dropped} dropped as too long), "
         f"{len(eval_set.problems)} eval problems ({eval_set.dropped} dropped), rollouts of {rollout_len} tokens")
+    say(pair.describe() + "".join(f"; {k} {v:.1%}" for k, v in teacher.constant_metrics.items()))
     for note in (train_set.why_dropped, task.skipped and f"{task.skipped} rows skipped: {task.skipped_why}"):
         if note:
             say(f"Note: {note}")
     if cfg.loss == "sampled" and cfg.top_p < 1:
         say(f"Warning: loss=sampled with top_p={cfg.top_p}: tokens outside the nucleus are never sampled, so the "
             "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
+    return _Setup(run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
+                  sampling=build.rollout_sampling(cfg, pair, rollout_len),
+                  eval_sampling=build.eval_sampling(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size))
 
-    # ---- optimisation ----------------------------------------------------------------------------
+
+def train(cfg: Config, log=tqdm.write) -> Path:
+    """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    say = log if is_main else (lambda message: None)
+    run = _setup(cfg, accelerator, say)
+    run_dir, pair, teacher, train_set = run.run_dir, run.pair, run.teacher, run.train_set
+    pad_id = pair.tokenizer.pad_token_id
+
+    # ---- optimisation, resume --------------------------------------------------------------------
     params = [p for p in pair.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
@@ -157,14 +180,13 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             if cfg.resume:
                 _trim_metrics(run_dir, start_step, say)
     logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
-    teacher_micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     best = {"step": None, "accuracy": -1.0}
     for m in read_metrics(run_dir) if is_main else []:  # evaluations before a resume still count
         if m.get("eval/accuracy", -1.0) > best["accuracy"]:
             best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
-    last_saved, skipped_in_row = start_step, 0
+    last_saved, skipped_in_row, warned = start_step, 0, set()
     with _InterruptFlag(several_processes=procs > 1) as interrupt:
         for step in range(start_step, cfg.steps):
             timer = PhaseTimer()
@@ -174,50 +196,44 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             rows = order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed)
             rows = rows[accelerator.process_index :: procs]  # this process's share
             student_prompts = [train_set.student_ids[i] for i in rows]
-            teacher_prompts = [train_set.teacher_ids[i] for i in rows]
 
             # ---- 1. rollout: the student samples its own responses --------------------------------
             with timer("rollout"), pair.autocast():
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
-                batch = rollout.sample(plain_student, student_prompts, sampling)
-            tokens_global = accelerator.reduce(batch.mask.sum().to(device), "sum").item()  # counted tokens, all processes
-            denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else tokens_global
+                batch = rollout.sample(plain_student, student_prompts, run.sampling)
 
-            # ---- 2-4. per micro-batch: teacher scores, student loss, backward ----------------------
+            # ---- 2. what the teacher reads (across tokenizers: the text, aligned) ------------------
+            with timer("teacher"):
+                plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
+            counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a loss, all processes
+            denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else counted
+
+            # ---- 3-4. per micro-batch: teacher scores, student loss, backward ----------------------
             student.train()
-            sums = {"loss": 0.0, "kl_reverse": 0.0, "kl_sampled": 0.0, "agree": 0.0, "teacher_entropy": 0.0,
-                    "prompt_tokens": float(sum(len(p) for p in student_prompts)),
-                    "ended": (torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & batch.mask.bool()).any(-1).sum().item()}
+            sums = {"loss": 0.0, "response_tokens": float(batch.mask.sum()), "prompt_tokens": float(sum(map(len, student_prompts))),
+                    "ended": float((torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & batch.mask.bool()).any(-1).sum())}
             groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
             for i, idx in enumerate(groups):
                 width = int(batch.lengths[idx].max())  # drop the padding past this group's longest response
                 responses, mask_cpu = batch.responses[idx, :width], batch.mask[idx, :width]  # (b, T')
-                group_student_prompts = [student_prompts[j] for j in idx]
-                group_teacher_prompts = [teacher_prompts[j] for j in idx]
-                tokens, mask = responses.to(device), mask_cpu.to(device)
                 with timer("teacher"):
-                    teacher_logp = teacher_scoring.score(  # (b, T', V), no grad
-                        pair.teacher, group_teacher_prompts, responses, mask_cpu, pad_id, pair.vocab_size, teacher_micro
-                    )
+                    scores = teacher.score(plan, idx, width)  # (b, T', C) log-probs, no grad
                 with timer("train"):
                     sync = accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext()
                     with sync:
                         with pair.autocast():
-                            logits = rollout.response_logits(student, group_student_prompts, responses, mask_cpu, pad_id)
-                        student_logp = teacher_scoring.log_probs(logits, pair.vocab_size)  # (b, T, V) fp32
-                        per_token = losses.per_token_loss(cfg.loss, student_logp, teacher_logp, tokens, mask, cfg.jsd_beta,
-                                                          cfg.temperature, cfg.top_p)
-                        loss = losses.reduce_loss(per_token, mask, cfg.loss_norm, denominator)
+                            logits = rollout.response_logits(student, [student_prompts[j] for j in idx], responses, mask_cpu, pad_id)
+                        student_logp = teacher_scoring.log_probs(logits, pair.vocab_size)  # (b, T', V) fp32
+                        comparison = teacher.compare(student_logp, scores, responses.to(device))
+                        loss = losses.reduce_loss(comparison.per_token, scores.mask, cfg.loss_norm, denominator)
                         # DDP averages gradients over processes; scaling by their number makes it a sum.
                         accelerator.backward(loss * procs)
-                    with torch.no_grad():
-                        sums["loss"] += loss.item()
-                        sums["kl_reverse"] += losses.reverse_kl(student_logp, teacher_logp, mask).sum().item()
-                        s_tok, t_tok = losses.token_logp(student_logp, tokens), losses.token_logp(teacher_logp, tokens)
-                        sums["kl_sampled"] += losses.sampled_kl(s_tok, t_tok, mask).sum().item()
-                        sums["agree"] += ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & mask.bool()).sum().item()
-                        sums["teacher_entropy"] += torch.where(mask.bool(), -(teacher_logp.exp() * teacher_logp).sum(-1), 0.0).sum().item()
-                del teacher_logp, student_logp, logits, per_token, loss
+                    sums["loss"] += loss.item()
+                    for key, value in comparison.metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value.sum().item()
+                del scores, student_logp, logits, comparison, loss
+            for key, (part, whole) in plan.ratios.items():
+                sums[key + ":num"], sums[key + ":den"] = part, whole
             totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
 
             # ---- 5. optimizer step, skipped when the loss or the gradient is not finite ------------
@@ -237,28 +253,23 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                     f"({skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
 
             # ---- 6. log, evaluate, checkpoint ------------------------------------------------------
-            metrics = {
-                "loss": totals["loss"],
-                "kl/reverse": totals["kl_reverse"] / max(tokens_global, 1),
-                "kl/sampled": totals["kl_sampled"] / max(tokens_global, 1),
-                "teacher/entropy": totals["teacher_entropy"] / max(tokens_global, 1),
-                "agree/top1": totals["agree"] / max(tokens_global, 1),
-                "rollout/len_mean": tokens_global / cfg.batch_size,
-                "rollout/eos_frac": totals["ended"] / cfg.batch_size,  # rollouts that ended before K
-                "rollout/tokens": int(tokens_global),
-                "rollout/prompt_tokens": int(totals["prompt_tokens"]),
-                "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
-                "optim/lr": lr,
-                "optim/grad_norm": grad_norm,
-                "optim/skipped": int(not finite),
-            }
+            metrics = _step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
+            metrics.update({"rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
+                            "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
+            for side in ("student", "teacher"):
+                mass = metrics.get(f"xtok/{side}_mapped_mass")
+                if mass is not None and mass < cfg.xtok_min_mapped_mass and side not in warned:
+                    warned.add(side)
+                    say(f"Warning: at step {done} the {side} puts only {mass:.1%} of its probability on tokens the other "
+                        f"vocabulary shares (xtok/{side}_mapped_mass); the loss sees only that part")
             new_best = False
-            if cfg.eval_every and eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
                     if is_main:
                         with pair.autocast():
-                            result = evaluate(plain_student, pair.tokenizer, eval_set.student_ids, eval_set.problems, grade,
-                                              eval_sampling, cfg.eval_batch_size, cfg.eval_samples, progress=cfg.progress)
+                            result = evaluate(plain_student, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
+                                              run.grade, run.eval_sampling, cfg.eval_batch_size, cfg.eval_samples,
+                                              progress=cfg.progress)
                         result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
                         metrics.update(result.metrics("eval"))
                         if result.accuracy > best["accuracy"]:
@@ -311,3 +322,27 @@ def train(cfg: Config, log=tqdm.write) -> Path:
         log(f"Final student saved to {run_dir / 'final'}")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _step_metrics(totals: dict[str, float], counted: float, batch_size: int, constant: dict[str, float]) -> dict:
+    """The logged figures of one step from the sums over every process.
+
+    Per-position metrics (kl/..., agree/..., teacher/..., xtok/..._mass) are means over the positions
+    that carry the loss; `name:num` / `name:den` pairs become their ratio.
+    """
+    out = {"loss": totals["loss"]}
+    for key, value in totals.items():
+        if "/" in key and not key.endswith((":num", ":den")):
+            out[key] = value / max(counted, 1)
+        elif key.endswith(":num"):
+            name = key[: -len(":num")]
+            out[name] = value / max(totals[name + ":den"], 1)
+    tokens = totals["response_tokens"]
+    out.update({
+        "rollout/len_mean": tokens / batch_size,
+        "rollout/eos_frac": totals["ended"] / batch_size,  # rollouts that ended before the length limit
+        "rollout/tokens": int(tokens),
+        "rollout/prompt_tokens": int(totals["prompt_tokens"]),
+        **constant,
+    })
+    return out
