@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer, tiny_overrides
-from esrdistill import diagnostics, rollout
+from esrdistill import diagnostics, engine_hf, rollout
 from esrdistill.config import make_config
 from esrdistill.diagnose import DiagnoseOptions, diagnose, prefix_continuation, profile
 from esrdistill.data import Problem
@@ -135,9 +135,12 @@ def test_profile_of_identical_models_is_zero_kl_and_agreement_one_at_every_posit
     tok = make_tokenizer()
     model = make_model(len(tok), 4)
     prompts = [[3, 40, 41], [3, 50, 51, 52], [3, 60]]
-    responses = rollout.sample(model, prompts, rollout.Sampling(10, 1.0, 1.0, (tok.eos_token_id,), tok.pad_token_id))
+    responses = engine_hf.sample(model, prompts, rollout.Sampling(10, 1.0, 1.0, (tok.eos_token_id,), tok.pad_token_id))
     lists = [responses.responses[r, : int(responses.mask[r].sum())].tolist() for r in range(3)]
-    stats, mask = profile(model, model, prompts, prompts, lists, tok.pad_token_id, [tok.eos_token_id], len(tok), 2, False, "p")
+    from esrdistill.teacher import LossSettings, SameTokenizer
+
+    scorer = SameTokenizer(model, tok.pad_token_id, len(tok), 2, LossSettings())
+    stats, mask, _, _ = profile(model, scorer, prompts, prompts, lists, tok.pad_token_id, [tok.eos_token_id], len(tok), 2, False, "p")
     counted = mask.bool()
     assert stats["reverse_kl"][counted].abs().max() < 1e-5
     assert stats["agreement"][counted].min() == 1.0

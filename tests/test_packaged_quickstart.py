@@ -52,7 +52,7 @@ def test_quickstart_smoke_with_tiny_budgets(model_cache, tmp_path, capsys):
                      "progress=false"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "[4/4]" in out and "| student after ESR |" in out and "| rollout |" in out
+    assert "[4/4]" in out and "| student after ESR, K=4 |" in out and "| rollout |" in out
     report = json.loads((run / "quickstart.json").read_text())
     assert report["eval_problems"] == 3
     assert {"teacher_before", "student_before", "student_after"} <= set(report)

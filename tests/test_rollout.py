@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from esrdistill import rollout, teacher
+from esrdistill import engine_hf, rollout, teacher
 
 EOS = 4
 PAD = 0
@@ -48,7 +48,7 @@ def test_esr_truncation_generates_exactly_k_tokens():
     model = make_model(len(make_tokenizer()), 3)
     prompts = [[3, 40, 41, 42], [3, 50], [3, 60, 61]]
     for k in (1, 5, 9):
-        out = rollout.sample(model, prompts, rollout.Sampling(k, temperature=1.0, eos_ids=(EOS,), pad_id=PAD, min_new_tokens=k))
+        out = engine_hf.sample(model, prompts, rollout.Sampling(k, temperature=1.0, eos_ids=(EOS,), pad_id=PAD, min_new_tokens=k))
         assert out.responses.shape == (3, k)
         assert out.mask.sum(-1).tolist() == [k, k, k]
         assert not (out.responses == EOS).any()
@@ -59,7 +59,7 @@ def test_rollouts_that_may_stop_never_pass_k():
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 3  # EOS is likely: some rows stop early
     prompts = [[3, 40 + i] for i in range(8)]
-    out = rollout.sample(model, prompts, rollout.Sampling(6, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
+    out = engine_hf.sample(model, prompts, rollout.Sampling(6, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
     assert out.responses.shape[1] <= 6 and out.mask.sum(-1).max().item() <= 6
     assert torch.equal(out.mask, naive_mask(out.responses, [EOS]))
 
@@ -88,7 +88,7 @@ def test_the_models_own_generation_config_does_not_change_sampling():
     model.generation_config.min_new_tokens = 12
     model.generation_config.top_k = 1
     model.generation_config.suppress_tokens = list(range(10, 60))
-    out = rollout.sample(model, prompts, rollout.Sampling(12, temperature=0.0, eos_ids=(EOS,), pad_id=PAD))
+    out = engine_hf.sample(model, prompts, rollout.Sampling(12, temperature=0.0, eos_ids=(EOS,), pad_id=PAD))
     for row, want in enumerate(expected):
         n = int(out.mask[row].sum())
         assert out.responses[row, :n].tolist() == want
@@ -103,7 +103,7 @@ def test_the_models_generation_config_does_not_reach_sampled_rollouts_either():
     model.generation_config.top_k = 1
     model.generation_config.do_sample = False
     prompts = [[3, 40, 41, 42]] * 16
-    out = rollout.sample(model, prompts, rollout.Sampling(4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
+    out = engine_hf.sample(model, prompts, rollout.Sampling(4, temperature=1.0, eos_ids=(EOS,), pad_id=PAD))
     assert len({tuple(r.tolist()) for r in out.responses}) > 4
 
 
@@ -117,10 +117,10 @@ def test_ids_past_the_shared_vocabulary_are_never_sampled():
         model.lm_head.weight[vocab:] = model.lm_head.weight[:28] * 20  # padding rows that would win
     prompts = [[3, 40 + i] for i in range(6)]
     for temperature in (0.0, 1.0):
-        out = rollout.sample(model, prompts, rollout.Sampling(8, temperature=temperature, top_p=0.95, eos_ids=(EOS,), pad_id=PAD,
+        out = engine_hf.sample(model, prompts, rollout.Sampling(8, temperature=temperature, top_p=0.95, eos_ids=(EOS,), pad_id=PAD,
                                                               vocab_size=vocab))
         assert out.responses.max().item() < vocab
-    greedy = rollout.sample(model, prompts[:2], rollout.Sampling(8, temperature=0.0, eos_ids=(EOS,), pad_id=PAD, vocab_size=vocab))
+    greedy = engine_hf.sample(model, prompts[:2], rollout.Sampling(8, temperature=0.0, eos_ids=(EOS,), pad_id=PAD, vocab_size=vocab))
     for row in range(2):
         n = int(greedy.mask[row].sum())
         assert greedy.responses[row, :n].tolist() == naive_greedy(model, prompts[row], 8, vocab_size=vocab)
@@ -149,7 +149,7 @@ def test_rollout_without_eos_is_full_k_long():
     tok = make_tokenizer()
     model = make_model(len(tok), 3)
     prompts = [[3, 40, 41], [3, 50]]
-    out = rollout.sample(model, prompts, rollout.Sampling(7, temperature=1.0, eos_ids=(len(tok) + 5,), pad_id=PAD))  # an id never sampled
+    out = engine_hf.sample(model, prompts, rollout.Sampling(7, temperature=1.0, eos_ids=(len(tok) + 5,), pad_id=PAD))  # an id never sampled
     assert out.responses.shape == (2, 7)
     assert out.mask.sum().item() == 14
 
@@ -157,8 +157,8 @@ def test_rollout_without_eos_is_full_k_long():
 def test_greedy_is_deterministic_and_independent_of_batch_padding():
     model = make_model(len(make_tokenizer()), 3)
     greedy = rollout.Sampling(6, temperature=0.0, eos_ids=(EOS,), pad_id=PAD)
-    a = rollout.sample(model, [[3, 40, 41, 42]], greedy)
-    b = rollout.sample(model, [[3, 40, 41, 42], [3, 50, 51, 52, 53, 54, 55, 56]], greedy)
+    a = engine_hf.sample(model, [[3, 40, 41, 42]], greedy)
+    b = engine_hf.sample(model, [[3, 40, 41, 42], [3, 50, 51, 52, 53, 54, 55, 56]], greedy)
     n = int(a.mask[0].sum())
     assert torch.equal(a.responses[0, :n], b.responses[0, :n])
 
@@ -214,3 +214,43 @@ def test_micro_batches_group_similar_lengths_and_cover_every_row_once():
     groups = micro_batches([3, 9, 1, 9, 5], 2)
     assert groups == [[1, 3], [4, 0], [2]]
     assert sorted(r for g in groups for r in g) == list(range(5))
+
+
+def test_the_sampler_draws_from_the_rollout_distribution_and_never_outside_the_nucleus():
+    """20,000 draws per row with seeded generators: frequencies within 0.015 of q (temperature then
+    top_p, the distribution the loss assumes), and never a token outside q's support."""
+    from esrdistill.losses import sampling_logp
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 7, generator=g) * 2
+    scores[1, 5] = float("-inf")  # a suppressed token (past the vocabulary, or EOS before min_new_tokens)
+    q = sampling_logp(torch.log_softmax(scores, -1), 0.7, 0.9).exp()
+    torch.manual_seed(0)
+    sampler = engine_hf.InverseCDFSampler(0.7, 0.9, None)  # the global generator, one draw per row
+    out = sampler(None, scores.repeat(20000, 1))  # (60000, 7): each of the 3 rows 20,000 times
+    assert (torch.isfinite(out).sum(-1) == 1).all()  # one finite entry per row: greedy takes it
+    drawn = out.argmax(-1).view(20000, 3)
+    counts = torch.stack([torch.bincount(drawn[:, r], minlength=7) for r in range(3)]).float()
+    freq = counts / 20000
+    assert (freq - q).abs().max().item() < 0.015
+    assert (counts[q == 0] == 0).all()
+
+
+def test_a_rows_sample_depends_on_its_seed_not_on_its_batch():
+    model = make_model(len(make_tokenizer()), 3)
+    sampling = rollout.Sampling(8, temperature=1.0, top_p=0.95, eos_ids=(EOS,), pad_id=PAD)
+    alone = engine_hf.sample(model, [[3, 40, 41, 42]], sampling, seeds=[123])
+    together = engine_hf.sample(model, [[3, 50, 51, 52, 53, 54], [3, 40, 41, 42]], sampling, seeds=[7, 123])
+    n = int(alone.mask[0].sum())
+    assert torch.equal(alone.responses[0, :n], together.responses[1, :n])
+    other = engine_hf.sample(model, [[3, 40, 41, 42]], sampling, seeds=[124])
+    assert not torch.equal(other.responses[0], alone.responses[0])
+
+
+def test_the_cpu_lm_head_gives_the_linear_layers_numbers():
+    model = make_model(len(make_tokenizer()), 3)
+    hidden = torch.randn(4, 1, model.config.hidden_size)
+    expected = model.lm_head(hidden)
+    with engine_hf._cpu_lm_head(model):
+        got = model.lm_head(hidden)
+    assert torch.allclose(got, expected, atol=1e-5) and got.shape == expected.shape

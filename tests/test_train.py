@@ -132,9 +132,11 @@ def _nan_at(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given (1-based) steps, by poisoning per_token_loss on those steps."""
     from esrdistill import losses, train as train_module
 
+    from esrdistill import engine_hf
+
     real = losses.per_token_loss
     state = {"step": 0}
-    real_sample = train_module.rollout.sample
+    real_sample = engine_hf.HFEngine.sample
 
     def sample(*args, **kwargs):
         state["step"] += 1
@@ -144,7 +146,7 @@ def _nan_at(monkeypatch, bad_steps: set[int]):
         out = real(*args, **kwargs)
         return out * float("nan") if state["step"] in bad_steps else out
 
-    monkeypatch.setattr(train_module.rollout, "sample", sample)
+    monkeypatch.setattr(engine_hf.HFEngine, "sample", sample)
     monkeypatch.setattr(train_module.losses, "per_token_loss", poisoned)
 
 
@@ -260,9 +262,11 @@ def test_loss_is_scored_on_the_teachers_own_view(tiny_dirs, tmp_path, monkeypatc
     values = tiny_overrides(student_dir, teacher_dir, run, steps=1, lora_r=0, batch_size=4, micro_batch_size=2, temperature=1.0,
                             system_prompt="Answer.", teacher_system_prompt="Think.", teacher_fewshot=2,
                             fewshot_template="= {answer}", teacher_prompt_suffix="#", prompt_template="Q: {prompt}")
+    from esrdistill import engine_hf
+
     captured = []
-    real_sample = train_module.rollout.sample
-    monkeypatch.setattr(train_module.rollout, "sample", lambda *a, **k: captured.append(real_sample(*a, **k)) or captured[-1])
+    real_sample = engine_hf.HFEngine.sample
+    monkeypatch.setattr(engine_hf.HFEngine, "sample", lambda *a, **k: captured.append(real_sample(*a, **k)) or captured[-1])
     train(make_config(values))
     logged = tracking.read_metrics(run)[0]["loss"]
 

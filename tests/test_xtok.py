@@ -396,3 +396,61 @@ def test_losses_that_make_no_sense_across_tokenizers_are_clear_errors(cross_dirs
         args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
         assert cli.main(["train", *args]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_diagnose_across_tokenizers_reports_the_alignment(cross_dirs, tmp_path):
+    from esrdistill.config import make_config
+    from esrdistill.diagnose import DiagnoseOptions, diagnose
+
+    student, teacher = cross_dirs
+    cfg = make_config(tiny_overrides(student, teacher, tmp_path / "unused", eval_prompts=4, max_new_tokens=10,
+                                     answer_extract="last_number"))
+    out = tmp_path / "diag"
+    result = diagnose(cfg, DiagnoseOptions(out=str(out), student_after=student, problems=4, prefixes=(0, 2, 4), bucket=2))
+    a = result["alignment"]
+    assert 0 < a["aligned_frac"] <= 1 and 0 < a["vocab_mapped"] < 1 and a["rule"] == "start"
+    assert len(a["aligned_by_bucket"]) == 5 and all(0 <= x <= 1 for x in a["aligned_by_bucket"])
+    assert all(isinstance(t, str) and c > 0 for t, c in a["top_unaligned"] + a["top_unmapped"])
+    assert len(result["decay"]["teacher_continues_student"]) == 3
+    report = (out / "report.md").read_text()
+    assert "## Alignment of the two tokenizers" in report and "shared token units" in report
+    assert (out / "alignment.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prefixes_cross_tokenizers_through_their_text(byte_level, sentencepiece):
+    """The teacher continuing a student's prefix reads the prefix's text in its own tokens."""
+    bridge = xtok.TextBridge(byte_level, sentencepiece, same=False)
+    ids = byte_level("über ü 中文 42", add_special_tokens=False)["input_ids"]
+    assert bridge.text(ids) == "über ü 中文 42"
+    assert bridge.ids(ids) == sentencepiece("über ü 中文 42", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if xtok.valid_utf8_length(b"".join(bridge.bytes[i] for i in ids[:n])) <
+               len(b"".join(bridge.bytes[i] for i in ids[:n])))
+    assert "\ufffd" not in bridge.text(ids[:cut])  # a cut character is left out, never replaced
+
+
+def test_quickstart_cross_runs_both_arms_and_reports_the_alignment(cross_dirs, tmp_path, monkeypatch, capsys):
+    """The flow of `esrdistill quickstart cross` (ESR and a full rollout of the same budget, before/after
+    accuracies, alignment statistics) on the tiny cross-tokenizer pair instead of the packaged one."""
+    import yaml
+
+    from esrdistill import quickstart
+
+    student, teacher = cross_dirs
+    config = tmp_path / "cross.yaml"
+    values = tiny_overrides(student, teacher, tmp_path / "unused", steps=2, eval_prompts=3, teacher_fewshot=1, save_every=0)
+    values.pop("run_dir")
+    config.write_text(yaml.safe_dump(values))
+    monkeypatch.setitem(quickstart.VARIANTS, "cross", (config, quickstart.VARIANTS["cross"][1]))
+    run = tmp_path / "qs"
+    assert cli.main(["quickstart", "cross", f"run_dir={run}", "rollout_tokens=4"]) == 0
+    out = capsys.readouterr().out
+    assert "| student after ESR, K=4 |" in out and "| student after a full rollout (up to 12) |" in out
+    assert "| xtok/aligned_frac |" in out
+    report = json.loads((run / "quickstart.json").read_text())
+    assert {"student_after_esr", "student_after_full"} <= set(report)
+    assert set(report["alignment"]["esr"]) == {"xtok/aligned_frac", "xtok/student_mapped_mass", "xtok/teacher_mapped_mass",
+                                               "xtok/vocab_mapped"}
+    assert [m["rollout/len_mean"] <= 4 for m in tracking.read_metrics(run / "esr")] == [True, True]
+    assert (run / "full" / "final" / "config.json").is_file()
+    assert cli.main(["quickstart", "crosss"]) == 2
+    assert "unknown quickstart 'crosss'" in capsys.readouterr().err

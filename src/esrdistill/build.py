@@ -145,10 +145,19 @@ def teacher(cfg: Config, pair: Pair):
                           settings, cfg.xtok_loss, cfg.xtok_align, cfg.xtok_teacher_floor, cfg.xtok_uld_weight)
 
 
-def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int) -> rollout.Sampling:
-    """How training rollouts (and diagnose's rollouts) are sampled."""
+def engine(cfg: Config, pair: Pair, student):
+    """The rollout engine: HF generate on the student itself."""
+    from esrdistill.engine_hf import HFEngine
+
+    return HFEngine(student, pair.autocast)
+
+
+def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int, side: str = "student") -> rollout.Sampling:
+    """How training rollouts (and diagnose's rollouts of either model) are sampled."""
+    tokenizer, eos, vocab = ((pair.tokenizer, pair.eos_ids, pair.vocab_size) if side == "student" else
+                             (pair.teacher_tokenizer, pair.teacher_eos_ids, len(pair.teacher_tokenizer)))
     return rollout.Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            eos_ids=tuple(pair.eos_ids), pad_id=pair.tokenizer.pad_token_id, vocab_size=pair.vocab_size)
+                            eos_ids=tuple(eos), pad_id=tokenizer.pad_token_id, vocab_size=vocab)
 
 
 def eval_sampling(cfg: Config, tokenizer, eos_ids: list[int], vocab_size: int, max_new_tokens: int | None = None) -> rollout.Sampling:

@@ -68,7 +68,9 @@ def cmd_diagnose(args) -> int:
 def cmd_quickstart(args) -> int:
     from esrdistill.quickstart import quickstart
 
-    quickstart(args.overrides)
+    items = list(args.overrides)
+    variant = items.pop(0) if items and "=" not in items[0] else "default"
+    quickstart(items, variant)
     return 0
 
 
@@ -125,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-frac", type=float, default=0.1, help="highest-KL token fraction for sub-mode commitment")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("quickstart", help="the embedded default end to end on packaged models (CPU, ~10 min)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="change the embedded default's config")
+    p = sub.add_parser("quickstart", help="the embedded default end to end on packaged models (CPU, ~10 min); "
+                                          "`quickstart cross`: across tokenizers (Gemma-3-270M student, SmolLM2 teacher)")
+    p.add_argument("overrides", nargs="*", metavar="[cross] key=value", help="`cross` for the cross-tokenizer demo, then "
+                                                                             "changes to the embedded config")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="time per phase of ESR (K=32) vs a full rollout (256 tokens)")

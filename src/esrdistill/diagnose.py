@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from esrdistill import build, diagnostics, models, rollout, teacher as teacher_scoring
+from esrdistill import build, diagnostics, models, rollout, teacher as teacher_scoring, xtok
 from esrdistill.config import Config, ConfigError
 from esrdistill.data import DataError
+from esrdistill.engine_hf import HFEngine
 from esrdistill.evalstats import wilson_interval
 
 
@@ -50,12 +51,13 @@ class DiagnoseOptions:
                 raise ConfigError(message)
 
 
-def generate_all(model, prompts, sampling: rollout.Sampling, batch_size, desc, progress):
-    """Sample one response per prompt; token lists without padding (EOS kept when it came)."""
+def generate_all(engine, prompts, sampling: rollout.Sampling, batch_size, desc, progress):
+    """Sample one response per prompt with a rollout engine; token lists without padding (EOS kept when
+    it came)."""
     out = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="seq")
     for start in range(0, len(prompts), batch_size):
-        batch = rollout.sample(model, prompts[start : start + batch_size], sampling)
+        batch = engine.sample(prompts[start : start + batch_size], sampling)
         out += [batch.responses[row, : int(batch.mask[row].sum())].tolist() for row in range(batch.responses.shape[0])]
         bar.update(batch.responses.shape[0])
     bar.close()
@@ -72,40 +74,60 @@ def _as_batch(responses: list[list[int]], pad_id: int, eos_ids: list[int]) -> tu
 
 
 @torch.no_grad()
-def profile(student, teacher, student_prompts, teacher_prompts, responses, pad_id, eos_ids, vocab_size, micro_batch, progress, desc):
-    """position_stats of every rollout, as (B, T) tensors over the longest response, plus the mask."""
-    ids, mask = _as_batch(responses, pad_id, eos_ids)
+def profile(student, scorer, student_prompts, teacher_prompts, responses, pad_id, eos_ids, vocab_size, micro_batch, progress, desc):
+    """position_stats of every rollout, as (B, T) tensors over the longest response, and the mask of
+    the positions they cover (across tokenizers: the aligned ones, compared on the shared units, with
+    the mapped masses as two more stats). Returns (stats, mask, response ids, response mask)."""
+    ids, response_mask = _as_batch(responses, pad_id, eos_ids)
+    plan = scorer.plan(teacher_prompts, ids, response_mask)
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, len(responses), micro_batch), desc=desc, disable=not progress, leave=False):
-        rows = slice(start, start + micro_batch)
-        s_logp = teacher_scoring.log_probs(rollout.response_logits(student, student_prompts[rows], ids[rows], mask[rows], pad_id), vocab_size)
-        t_logp = teacher_scoring.score(teacher, teacher_prompts[rows], ids[rows], mask[rows], pad_id, vocab_size, micro_batch)
-        for key, value in diagnostics.position_stats(s_logp, t_logp.to(s_logp.device), mask[rows].to(s_logp.device)).items():
+        rows = list(range(start, min(start + micro_batch, len(responses))))
+        logits = rollout.response_logits(student, [student_prompts[r] for r in rows], ids[rows], response_mask[rows], pad_id)
+        s_logp = teacher_scoring.log_probs(logits, vocab_size)
+        scores = scorer.score(plan, rows, ids.shape[1])
+        s_lp, t_lp = scorer.comparable(s_logp, scores)
+        stats = diagnostics.position_stats(s_lp, t_lp.to(s_lp.device), scores.mask.to(s_lp.device))
+        if scorer.kind == "cross":
+            metrics = scorer.compare(s_logp, scores, ids[rows].to(s_logp.device)).metrics
+            stats["student_mapped_mass"] = metrics["xtok/student_mapped_mass"]
+            stats["teacher_mapped_mass"] = metrics["xtok/teacher_mapped_mass"]
+        for key, value in stats.items():
             chunks.setdefault(key, []).append(value.cpu())
-    return {k: torch.cat(v) for k, v in chunks.items()}, mask
+    return {k: torch.cat(v) for k, v in chunks.items()}, plan.mask, ids, response_mask
 
 
 def _strip_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
 
 
-def prefix_continuation(model, prompts, responses, ks, sampling: rollout.Sampling, batch_size, tokenizer, grade, problems, progress, desc):
-    """Accuracy after `model` continues from the first k tokens of each response, for each k.
+def prefix_continuation(engine, prompts, responses, ks, sampling: rollout.Sampling, batch_size, tokenizer, grade, problems,
+                        progress, desc, bridge: xtok.TextBridge | None = None, source_eos: list[int] | None = None):
+    """Accuracy after the model of `engine` continues from the first k tokens of each response, for each k.
 
-    sampling: how the continuation is drawn; its max_new_tokens is the whole response's budget, so a
-    continuation from k tokens gets max_new_tokens - k more. A response that ended (EOS) within k
-    tokens is graded as it is: there is nothing to continue. Returns {k: accuracy}, and the texts graded.
+    sampling: how the continuation is drawn (with `model`'s EOS and vocabulary); its max_new_tokens is
+    the whole response's budget, so a continuation from k tokens gets max_new_tokens - k more.
+    responses: token ids of the model that wrote them; `bridge` turns them into `model`'s ids through
+    their text when the two tokenizers differ (None: the same tokenizer), and source_eos are the
+    writer's EOS ids (default: the sampling's). A response that ended (EOS) within k tokens is graded
+    as it is: there is nothing to continue. Returns {k: accuracy}, and the texts graded.
     """
-    eos_ids = list(sampling.eos_ids)
+    eos_ids = list(source_eos if source_eos is not None else sampling.eos_ids)
+    bridge = bridge or xtok.TextBridge(tokenizer, tokenizer, same=True)
     accuracy, texts = {}, {}
     for k in ks:
         prefixes = [_strip_eos(r, eos_ids)[:k] for r in responses]
         finished = [len(_strip_eos(r, eos_ids)) <= k and r and r[-1] in eos_ids for r in responses]
         todo = [i for i, done in enumerate(finished) if not done]
         budget = replace(sampling, max_new_tokens=max(1, sampling.max_new_tokens - k))
-        continued = generate_all(model, [prompts[i] + prefixes[i] for i in todo], budget, batch_size, f"{desc} k={k}", progress)
-        full = {i: prefixes[i] + c for i, c in zip(todo, continued)}
-        texts[k] = [tokenizer.decode(full.get(i, responses[i]), skip_special_tokens=True) for i in range(len(responses))]
+        continued = dict(zip(todo, generate_all(engine, [prompts[i] + bridge.ids(prefixes[i]) for i in todo], budget, batch_size,
+                                                f"{desc} k={k}", progress)))
+        if bridge.same:
+            texts[k] = [tokenizer.decode(prefixes[i] + continued[i] if i in continued else responses[i], skip_special_tokens=True)
+                        for i in range(len(responses))]
+        else:
+            texts[k] = [bridge.text(prefixes[i]) + tokenizer.decode(continued[i], skip_special_tokens=True) if i in continued
+                        else bridge.text(responses[i]) for i in range(len(responses))]
         accuracy[k] = sum(bool(grade(t, p)) for t, p in zip(texts[k], problems)) / max(len(problems), 1)
     return accuracy, texts
 
@@ -142,6 +164,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     if not problems:
         raise DataError("no problems to diagnose: set eval_prompts > 0 (diagnose uses the held-out problems)")
     pair = build.pair(cfg, device, trainable=False)
+    scorer = build.teacher(cfg, pair)
     ps = build.prompt_set(cfg, pair, task, problems, cfg.max_new_tokens, "max_new_tokens")
     ps.require("problems to diagnose")
     pad, eos, progress = pair.tokenizer.pad_token_id, pair.eos_ids, cfg.progress
@@ -149,21 +172,29 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     k_mark = options.k if options.k is not None else cfg.rollout_tokens
     ks = sorted({k for k in options.prefixes if k < cfg.max_new_tokens} | {0})
     say = tqdm.write
+    say(pair.describe())
     if ps.dropped:
         say(f"Note: {ps.dropped} problems dropped: {ps.why_dropped}")
+    to_teacher = xtok.TextBridge(pair.tokenizer, pair.teacher_tokenizer, same=not pair.cross)
+    to_student = xtok.TextBridge(pair.teacher_tokenizer, pair.tokenizer, same=not pair.cross)
 
     say(f"Rolling out student and teacher on {len(ps.problems)} problems (up to {cfg.max_new_tokens} tokens) ...")
-    rollouts = build.rollout_sampling(cfg, pair, cfg.max_new_tokens)
-    continuation = build.eval_sampling(cfg, pair.tokenizer, eos, pair.vocab_size)
-    gen = lambda model, prompts, desc: generate_all(model, prompts, rollouts, cfg.eval_batch_size, desc, progress)  # noqa: E731
+    def gen(model, prompts, desc, side="student"):
+        sampling = build.rollout_sampling(cfg, pair, cfg.max_new_tokens, side)
+        return generate_all(HFEngine(model), prompts, sampling, cfg.eval_batch_size, desc, progress)
+
     student_rollouts = gen(pair.student, ps.student_ids, "student rollouts")
-    teacher_rollouts = gen(pair.teacher, ps.teacher_ids, "teacher rollouts")
+    teacher_rollouts = gen(pair.teacher, ps.teacher_ids, "teacher rollouts", side="teacher")
 
     say("[1/5] Teacher decay by prefix continuation ...")
-    t_acc, _ = prefix_continuation(pair.teacher, ps.teacher_ids, student_rollouts, ks, continuation, cfg.eval_batch_size,
-                                   pair.tokenizer, grade, ps.problems, progress, "teacher continues student")
-    s_acc, _ = prefix_continuation(pair.student, ps.student_ids, teacher_rollouts, ks, continuation, cfg.eval_batch_size,
-                                   pair.tokenizer, grade, ps.problems, progress, "student continues teacher")
+    teacher_continues = build.eval_sampling(cfg, pair.teacher_tokenizer, pair.teacher_eos_ids, len(pair.teacher_tokenizer))
+    student_continues = build.eval_sampling(cfg, pair.tokenizer, eos, pair.vocab_size)
+    t_acc, _ = prefix_continuation(HFEngine(pair.teacher), ps.teacher_ids, student_rollouts, ks, teacher_continues, cfg.eval_batch_size,
+                                   pair.teacher_tokenizer, grade, ps.problems, progress, "teacher continues student",
+                                   bridge=to_teacher, source_eos=eos)
+    s_acc, _ = prefix_continuation(HFEngine(pair.student), ps.student_ids, teacher_rollouts, ks, student_continues, cfg.eval_batch_size,
+                                   pair.tokenizer, grade, ps.problems, progress, "student continues teacher",
+                                   bridge=to_student, source_eos=pair.teacher_eos_ids)
     n = len(ps.problems)
     decay = {
         "ks": ks, "n": n,
@@ -174,21 +205,36 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     }
 
     say("[2/5] Per-position profile of the student's rollouts ...")
-    stats, mask = profile(pair.student, pair.teacher, ps.student_ids, ps.teacher_ids, student_rollouts, pad, eos, pair.vocab_size, micro, progress, "profile")
+    stats, mask, ids, response_mask = profile(pair.student, scorer, ps.student_ids, ps.teacher_ids, student_rollouts, pad, eos,
+                                              pair.vocab_size, micro, progress, "profile")
     share_ks = sorted({*range(options.bucket, mask.shape[1] + options.bucket, options.bucket)})
     shares = diagnostics.kl_share(stats["reverse_kl"], mask, share_ks)
     profile_before = _profile_summary(stats, mask, options.bucket)
     profile_before["kl_share"] = {str(k): v for k, v in shares.items()}
+    alignment = None
+    if pair.cross:
+        alignment = diagnostics.alignment_summary(mask, response_mask, stats["student_mapped_mass"], stats["teacher_mapped_mass"],
+                                                  ids, scorer.map.student_unit_of.cpu(), options.bucket)
+        for key in ("top_unaligned", "top_unmapped"):
+            alignment[key] = [[pair.tokenizer.convert_ids_to_tokens(i), c] for i, c in alignment[key]]
+        alignment.update(vocab_mapped=scorer.map.vocab_mapped, units=scorer.map.units, student_vocab=pair.vocab_size,
+                         teacher_vocab=len(pair.teacher_tokenizer), rule=cfg.xtok_align)
+        say(f"Alignment: {alignment['aligned_frac']:.1%} of student positions aligned, mapped mass "
+            f"{alignment['student_mass']:.1%} (student) / {alignment['teacher_mass']:.1%} (teacher), "
+            f"{alignment['vocab_mapped']:.1%} of the student's vocabulary shared")
 
-    lengths = {"student": statistics.median(len(r) for r in student_rollouts),
-               "teacher": statistics.median(len(r) for r in teacher_rollouts)}
+    # the teacher's answer lengths in student tokens (the K rule counts student tokens)
+    teacher_lengths = [len(to_student.ids(r)) + (1 if r and r[-1] in pair.teacher_eos_ids else 0) if pair.cross else len(r)
+                       for r in teacher_rollouts]
+    lengths = {"student": statistics.median(len(r) for r in student_rollouts), "teacher": statistics.median(teacher_lengths)}
     submode = {"student": diagnostics.submode_commitment(stats, mask, options.top_frac)}
     cascading = None
     if options.student_after:
         say(f"[3/5] Cascading alignment: fresh rollouts of {options.student_after} ...")
         after = models.load_model(options.student_after, pair.dtype, device, cfg.model_cache)
         after_rollouts = gen(after, ps.student_ids, "trained student rollouts")
-        after_stats, after_mask = profile(after, pair.teacher, ps.student_ids, ps.teacher_ids, after_rollouts, pad, eos, pair.vocab_size, micro, progress, "profile (trained)")
+        after_stats, after_mask, _, _ = profile(after, scorer, ps.student_ids, ps.teacher_ids, after_rollouts, pad, eos,
+                                                pair.vocab_size, micro, progress, "profile (trained)")
         after_profile = _profile_summary(after_stats, after_mask, options.bucket)
         width = min(len(profile_before["reverse_kl"]), len(after_profile["reverse_kl"]))
         change = [(a - b) / b if b and b == b and a == a else float("nan")
@@ -204,12 +250,13 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
 
     say("[4/5] Sub-mode commitment and [5/5] the recommended K ...")
     recommendation = diagnostics.recommend_k(ks, decay["teacher_continues_student"], share_ks, [shares[k] for k in share_ks],
-                                             [len(r) for r in teacher_rollouts], options.decay_fraction, options.share_target)
+                                             teacher_lengths, options.decay_fraction, options.share_target)
     result = {
         "teacher": cfg.teacher, "student": cfg.student, "student_after": options.student_after, "dataset": cfg.dataset,
         "problems": n, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "options": asdict(options),
         "decay": decay, "profile": profile_before, "cascading": cascading, "submode": submode,
-        "median_lengths": lengths, "recommendation": recommendation, "seconds": time.perf_counter() - started,
+        "median_lengths": lengths, "recommendation": recommendation, "alignment": alignment,
+        "tokenizers": pair.describe(), "seconds": time.perf_counter() - started,
     }
     (out / "diagnostics.json").write_text(json.dumps(_json_safe(result), indent=2))
     (out / "recommended_k.txt").write_text(f"{recommendation['k']}\n{recommendation['reason']}\n")

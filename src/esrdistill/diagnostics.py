@@ -154,3 +154,31 @@ def recommend_k(
         covered = sum(length <= k for length in teacher_lengths) / len(teacher_lengths)
         reasons.append(f"most of the teacher's answers end within K ({covered:.0%}), so ESR at this K is close to a full rollout")
     return {"k": k, "rules": rules, "reason": "; ".join(reasons)}
+
+
+def alignment_summary(aligned: torch.Tensor, response: torch.Tensor, student_mass: torch.Tensor, teacher_mass: torch.Tensor,
+                      ids: torch.Tensor, unit_of: torch.Tensor, width: int, top: int = 10) -> dict:
+    """How well a cross-tokenizer pair lines up on a batch of student rollouts.
+
+    aligned, response: (B, T) masks (positions with a teacher position; positions of the response).
+    student_mass, teacher_mass: (B, T) probability on shared units at the aligned positions.
+    ids: (B, T) the student's tokens; unit_of: (Vs,) the unit of each student id, -1 when unmapped.
+    Returns the aligned fraction, per bucket of `width` positions the aligned fraction and both mean
+    mapped masses, and the `top` most frequent unaligned and unmapped student token ids with counts.
+    """
+    from collections import Counter
+
+    response, aligned = response.bool(), aligned.bool() & response.bool()
+    unmapped = response & (unit_of[ids.clamp(min=0)] < 0)
+    return {
+        "aligned_frac": float(aligned.sum() / response.sum().clamp(min=1)),
+        "bucket_width": width,
+        "aligned_by_bucket": bucket_means(aligned.float(), response.float(), width)[0],
+        "student_mass_by_bucket": bucket_means(student_mass, aligned.float(), width)[0],
+        "teacher_mass_by_bucket": bucket_means(teacher_mass, aligned.float(), width)[0],
+        "student_mass": float(student_mass[aligned].mean()) if aligned.any() else float("nan"),
+        "teacher_mass": float(teacher_mass[aligned].mean()) if aligned.any() else float("nan"),
+        "top_unaligned": Counter(ids[response & ~aligned].tolist()).most_common(top),
+        "top_unmapped": Counter(ids[unmapped].tolist()).most_common(top),
+        "unmapped_frac": float(unmapped.sum() / response.sum().clamp(min=1)),
+    }

@@ -121,7 +121,7 @@ def summarise(problems: list[ProblemResult], temperature: float) -> EvalResult:
 
 
 def evaluate(
-    model,
+    engine,
     tokenizer,
     prompt_ids: list[list[int]],
     problems: list[Problem],
@@ -132,13 +132,16 @@ def evaluate(
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
-    """Sample `samples` responses per problem (greedy at temperature 0), grade each and the majority."""
+    """Sample `samples` responses per problem (greedy at temperature 0), grade each and the majority.
+
+    engine: a rollout engine (engine_hf.HFEngine, engine_vllm.VLLMEngine) holding the model evaluated.
+    """
     flat_prompts = [ids for ids in prompt_ids for _ in range(samples)]  # (problem 0 x n, problem 1 x n, ...)
     texts, lengths, ended, token_lists = [], [], [], []
     bar = tqdm(total=len(flat_prompts), desc=desc, disable=not progress, leave=False, unit="seq")
     eos = torch.tensor(sampling.eos_ids)
     for start in range(0, len(flat_prompts), batch_size):
-        batch = rollout.sample(model, flat_prompts[start : start + batch_size], sampling)
+        batch = engine.sample(flat_prompts[start : start + batch_size], sampling)
         for row in range(batch.responses.shape[0]):
             count = int(batch.mask[row].sum())
             tokens = batch.responses[row, :count]
@@ -178,6 +181,7 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
     """
     from esrdistill import build, models, prompts
     from esrdistill.data import DataError
+    from esrdistill.engine_hf import HFEngine
 
     device = device or models.resolve_device(cfg.device)
     task = build.task(cfg, need_train=False)
@@ -193,5 +197,5 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
         raise DataError("no evaluation problems: set eval_prompts > 0")
     prompt_set.require("evaluation prompts")
     sampling = build.eval_sampling(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
-    return evaluate(net, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
+    return evaluate(HFEngine(net), tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
                     cfg.eval_batch_size, cfg.eval_samples, progress=progress, desc=f"eval {view}")

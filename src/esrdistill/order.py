@@ -42,6 +42,12 @@ def step_seed(seed: int, step: int, process_index: int = 0) -> int:
     return random.Random(f"step-{seed}-{step}-{process_index}").getrandbits(31)
 
 
+def row_seed(seed: int, step: int, position: int) -> int:
+    """The seed of the rollout at `position` (0..batch_size-1) of step `step`: a row's sample depends on
+    it alone, not on the process that draws it or on the rows beside it."""
+    return random.Random(f"row-{seed}-{step}-{position}").getrandbits(63)
+
+
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Rows grouped into micro-batches of at most `size`, longest responses first.
 

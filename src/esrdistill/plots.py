@@ -108,6 +108,23 @@ def plot_kl_share(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_alignment(result: dict, path: Path) -> Path:
+    a = result["alignment"]
+    w = a["bucket_width"]
+    starts = [i * w for i in range(len(a["aligned_by_bucket"]))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(starts, _finite(a["aligned_by_bucket"]), marker="o", label="aligned positions")
+    for key, label in (("student_mass_by_bucket", "student mass on shared tokens"), ("teacher_mass_by_bucket", "teacher mass on shared tokens")):
+        values = _finite(a[key])
+        ax.plot(starts[: len(values)], values, marker=".", label=label)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("response position (student tokens)")
+    ax.set_ylabel("fraction")
+    ax.set_title(f"Cross-tokenizer alignment ({a['rule']} rule)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -124,6 +141,8 @@ def write_all(result: dict, out: Path) -> dict[str, Path]:
     }
     if result.get("cascading"):
         pngs["cascading"] = plot_cascading(result, out / "cascading.png")
+    if result.get("alignment"):
+        pngs["alignment"] = plot_alignment(result, out / "alignment.png")
     return pngs
 
 
@@ -178,4 +197,22 @@ def report_markdown(result: dict, pngs: dict[str, Path]) -> str:
               f"![submode]({pngs['submode'].name})", "", "## 5. Recommended K", "",
               f"K = {result['recommendation']['k']} (rules: {result['recommendation']['rules']}).", "",
               f"![kl share]({pngs['recommendation'].name})", ""]
+    a = result.get("alignment")
+    if a:
+        w = a["bucket_width"]
+        lines += ["## Alignment of the two tokenizers", "", result.get("tokenizers", ""), "",
+                  f"{a['units']:,} shared token units: {_pct(a['vocab_mapped'])} of the student's {a['student_vocab']:,} tokens "
+                  f"have a teacher counterpart (the teacher has {a['teacher_vocab']:,}). Rule: `{a['rule']}`. "
+                  f"{_pct(a['aligned_frac'])} of the student's response positions are aligned; on those, the student puts "
+                  f"{_pct(a['student_mass'])} and the teacher {_pct(a['teacher_mass'])} of its probability on shared "
+                  f"tokens. {_pct(a['unmapped_frac'])} of the sampled tokens have no teacher counterpart.", "",
+                  "| positions | aligned | student mass on shared | teacher mass on shared |", "|---|---|---|---|"]
+        for i, frac in enumerate(a["aligned_by_bucket"]):
+            sm = a["student_mass_by_bucket"][i] if i < len(a["student_mass_by_bucket"]) else None
+            tm = a["teacher_mass_by_bucket"][i] if i < len(a["teacher_mass_by_bucket"]) else None
+            lines.append(f"| {i * w}-{i * w + w - 1} | {_pct(frac)} | {_pct(sm)} | {_pct(tm)} |")
+        for key, title in (("top_unaligned", "Most frequent unaligned student tokens"),
+                           ("top_unmapped", "Most frequent sampled student tokens without a teacher counterpart")):
+            lines += ["", f"{title}: " + (", ".join(f"`{t!r}` ({c})" for t, c in a[key]) or "none")]
+        lines += ["", f"![alignment]({pngs['alignment'].name})", ""]
     return "\n".join(lines)

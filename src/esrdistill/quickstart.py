@@ -1,7 +1,9 @@
-"""`esrdistill quickstart`: the embedded default end to end on packaged models, with no network.
+"""`esrdistill quickstart [cross]`: an embedded default end to end on packaged models, with no network.
 
-Accuracy of the teacher and the student before, ESR distillation with a progress bar, accuracy of
-the student after, and the time of every phase; the run directory is left behind with a report.
+Accuracy of the teacher and the student before, distillation with a progress bar (ESR; the cross
+variant also a full rollout of the same budget), accuracy of each distilled student, the time of
+every phase, and (across tokenizers) how well the two tokenizers line up; the run directory is left
+behind with a report.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from esrdistill.config import load_config, parse_overrides
+from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.evaluate import EvalResult, run_eval
 from esrdistill.packaged import is_packaged, resolve
 from esrdistill.tracking import read_metrics
 from esrdistill.train import train
 
 DEFAULT_CONFIG = files("esrdistill") / "configs" / "quickstart.yaml"
+CROSS_CONFIG = files("esrdistill") / "configs" / "quickstart_cross.yaml"
+# name -> (config, [(arm name, overrides of the arm)])
+VARIANTS = {
+    "default": (DEFAULT_CONFIG, [("esr", {})]),
+    "cross": (CROSS_CONFIG, [("esr", {}), ("full", {"rollout_tokens": None})]),
+}
+XTOK_KEYS = ("xtok/aligned_frac", "xtok/student_mapped_mass", "xtok/teacher_mapped_mass", "xtok/vocab_mapped")
 
 
 def _line(name: str, r: EvalResult) -> str:
@@ -27,75 +36,102 @@ def _line(name: str, r: EvalResult) -> str:
     return f"| {name} | {r.accuracy:.1%} ({correct}/{total}) | {lo:.1%}-{hi:.1%} | {r.len_mean:.1f} | {r.cut_frac:.0%} |"
 
 
-def quickstart(overrides: list[str] | None = None) -> dict:
-    """Run the embedded default; return the report it also writes to RUN_DIR/quickstart.json."""
+def _arm_title(arm: str, cfg) -> str:
+    return f"student after ESR, K={cfg.rollout_tokens}" if cfg.rollout_tokens else f"student after a full rollout (up to {cfg.max_new_tokens})"
+
+
+def quickstart(overrides: list[str] | None = None, variant: str = "default") -> dict:
+    """Run an embedded default; return the report it also writes to RUN_DIR/quickstart.json."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown quickstart '{variant}': choose one of {', '.join(v for v in VARIANTS if v != 'default')}, or none")
+    config_path, arms = VARIANTS[variant]
     values = parse_overrides(overrides or [])
-    values.setdefault("run_dir", f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = load_config(str(DEFAULT_CONFIG), values)
+    values.setdefault("run_dir", f"runs/quickstart{'' if variant == 'default' else '-' + variant}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config(str(config_path), values)
     run_dir = Path(cfg.run_dir)
+    arm_cfgs = {arm: load_config(str(config_path), {**values, **extra, "run_dir": str(run_dir if len(arms) == 1 else run_dir / arm)})
+                for arm, extra in arms}
     seconds: dict[str, float] = {}
     say = print
-    say(f"esrdistill quickstart: distil {cfg.teacher} (with {cfg.teacher_fewshot} worked examples in its prompt) "
-        f"into {cfg.student} on {cfg.dataset}, ESR K={cfg.rollout_tokens}, {cfg.steps} steps of {cfg.batch_size} prompts.")
+    steps = len(arms) + 3
+    say(f"esrdistill quickstart{'' if variant == 'default' else ' ' + variant}: distil {cfg.teacher} (with {cfg.teacher_fewshot} "
+        f"worked examples in its prompt) into {cfg.student} on {cfg.dataset}, "
+        + " and ".join(_arm_title(a, c).replace("student after ", "") for a, c in arm_cfgs.items())
+        + f", {cfg.steps} steps of {cfg.batch_size} prompts.")
     say(f"Run directory: {run_dir}")
 
     start = time.perf_counter()
-    say("[1/4] Preparing the packaged models (converted once, then cached) ...")
+    say(f"[1/{steps}] Preparing the packaged models (converted once, then cached) ...")
     for spec in {cfg.student, cfg.teacher}:
         if is_packaged(spec):
             resolve(spec, cfg.model_cache)
     seconds["prepare_models"] = time.perf_counter() - start
 
-    say(f"[2/4] Accuracy before distillation on {cfg.eval_prompts} held-out problems (greedy) ...")
+    say(f"[2/{steps}] Accuracy before distillation on {cfg.eval_prompts} held-out problems (greedy) ...")
     start = time.perf_counter()
     teacher_before = run_eval(cfg, cfg.teacher, view="teacher", progress=cfg.progress)
     student_before = run_eval(cfg, cfg.student, view="student", progress=cfg.progress)
     seconds["eval_before"] = time.perf_counter() - start
     say(f"      teacher {teacher_before.accuracy:.1%}, student {student_before.accuracy:.1%}")
 
-    say(f"[3/4] Distilling with ESR (K={cfg.rollout_tokens} tokens per rollout) ...")
-    start = time.perf_counter()
-    train(cfg)
-    seconds["train"] = time.perf_counter() - start
+    after: dict[str, EvalResult] = {}
+    phases: dict[str, dict[str, float]] = {}
+    alignment: dict[str, dict[str, float]] = {}
+    for n, (arm, arm_cfg) in enumerate(arm_cfgs.items(), start=3):
+        say(f"[{n}/{steps}] Distilling: {_arm_title(arm, arm_cfg).replace('student after ', '')} ...")
+        start = time.perf_counter()
+        train(arm_cfg)
+        seconds[f"train_{arm}"] = time.perf_counter() - start
+        metrics = read_metrics(arm_cfg.run_dir)
+        phases[arm] = {phase: sum(m.get(f"time/{phase}_s", 0.0) for m in metrics) for phase in ("rollout", "teacher", "train")}
+        alignment[arm] = {key: sum(m[key] for m in metrics) / len(metrics) for key in XTOK_KEYS if key in metrics[0]}
 
-    say("[4/4] Accuracy of the distilled student ...")
+    say(f"[{steps}/{steps}] Accuracy of the distilled student{'s' if len(arms) > 1 else ''} ...")
     start = time.perf_counter()
-    student_after = run_eval(cfg, str(run_dir / "final"), view="student", progress=cfg.progress)
+    for arm, arm_cfg in arm_cfgs.items():
+        after[arm] = run_eval(cfg, str(Path(arm_cfg.run_dir) / "final"), view="student", progress=cfg.progress)
     seconds["eval_after"] = time.perf_counter() - start
 
-    metrics = read_metrics(run_dir)
-    phases = {phase: sum(m.get(f"time/{phase}_s", 0.0) for m in metrics) for phase in ("rollout", "teacher", "train")}
-    per_step = {phase: total / max(len(metrics), 1) for phase, total in phases.items()}
     table = "\n".join([
         "| model | accuracy | 95% CI | mean length (tokens) | cut at the limit |",
         "|---|---|---|---|---|",
         _line("teacher (with worked examples)", teacher_before),
         _line("student before", student_before),
-        _line("student after ESR", student_after),
+        *[_line(_arm_title(arm, arm_cfg), after[arm]) for arm, arm_cfg in arm_cfgs.items()],
     ])
     timing = "\n".join([
-        "| phase | total s | per step s |",
-        "|---|---|---|",
-        *[f"| {phase} | {phases[phase]:.1f} | {per_step[phase]:.2f} |" for phase in phases],
-        f"| whole quickstart | {sum(seconds.values()):.1f} | |",
+        "| phase | " + " | ".join(f"{arm} total s | {arm} per step s" for arm in arm_cfgs) + " |",
+        "|---|" + "---|---|" * len(arm_cfgs),
+        *[f"| {phase} | " + " | ".join(f"{phases[arm][phase]:.1f} | {phases[arm][phase] / cfg.steps:.2f}" for arm in arm_cfgs) + " |"
+          for phase in ("rollout", "teacher", "train")],
+        f"| whole quickstart | {sum(seconds.values()):.1f} |" + " |" * (2 * len(arm_cfgs) - 1),
     ])
-    say("\n" + table + "\n\n" + timing)
-    if student_after.accuracy > student_before.accuracy:
-        say(f"\nThe student rose from {student_before.accuracy:.1%} to {student_after.accuracy:.1%} "
+    lines = [table, "", timing]
+    if any(alignment.values()):
+        lines += ["", "| alignment (mean over steps) | " + " | ".join(arm_cfgs) + " |", "|---|" + "---|" * len(arm_cfgs),
+                  *[f"| {key} | " + " | ".join(f"{alignment[arm][key]:.1%}" for arm in arm_cfgs) + " |" for key in XTOK_KEYS]]
+    report_text = "\n".join(lines)
+    say("\n" + report_text)
+    for arm, arm_cfg in arm_cfgs.items():
+        verdict = "rose" if after[arm].accuracy > student_before.accuracy else "did not rise"
+        say(f"\nThe {_arm_title(arm, arm_cfg)} {verdict}: {student_before.accuracy:.1%} -> {after[arm].accuracy:.1%} "
             f"(the teacher: {teacher_before.accuracy:.1%}).")
-    else:
-        say("\nThe student did not improve in this run; with a tiny budget (few steps or problems) that is expected.")
+    if not any(after[arm].accuracy > student_before.accuracy for arm in after):
+        say("With a tiny budget (few steps or problems) that is expected.")
     say(f"Run directory: {run_dir} (config.yaml, metrics.jsonl, final/, quickstart.json, report.md)")
 
     report = {
+        "variant": variant,
         "dataset": cfg.dataset,
-        "eval_problems": student_after.n_problems,
+        "eval_problems": student_before.n_problems,
         "teacher_before": teacher_before.to_dict(),
         "student_before": student_before.to_dict(),
-        "student_after": student_after.to_dict(),
+        **{("student_after" if len(arms) == 1 else f"student_after_{arm}"): after[arm].to_dict() for arm in after},
+        "alignment": alignment,
         "seconds": seconds,
-        "phase_seconds": phases,
+        "phase_seconds": phases if len(arms) > 1 else phases[arms[0][0]],
     }
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "quickstart.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(f"# esrdistill quickstart\n\n{table}\n\n{timing}\n")
+    (run_dir / "report.md").write_text(f"# esrdistill quickstart{'' if variant == 'default' else ' ' + variant}\n\n{report_text}\n")
     return report

@@ -1,4 +1,5 @@
-"""Student rollouts: batched sampling with a KV cache, and the masks and packing around it.
+"""Rollouts: what every sampling engine returns, the response mask, and packing prompt + response for
+one forward pass (with the LM head in fp32). The engines are engine_hf.py and engine_vllm.py.
 
 Conventions used everywhere in esrdistill:
 - A prompt is a list of token ids (no padding). A batch of prompts is left-padded for generation.
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
@@ -123,68 +123,3 @@ class Sampling:
     pad_id: int = 0
     vocab_size: int | None = None  # ids >= vocab_size (padding rows of the LM head) are never sampled
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (forced lengths for benchmarks)
-
-
-def generation_config(sampling: Sampling, head_rows: int) -> GenerationConfig:
-    """The GenerationConfig of `sampling`, with every logits-shaping field explicitly neutral."""
-    sample = sampling.temperature > 0
-    beyond_vocab = list(range(sampling.vocab_size, head_rows)) if sampling.vocab_size else []
-    return GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens,
-        min_new_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens),
-        do_sample=sample,
-        num_beams=1,
-        temperature=sampling.temperature if sample else 1.0,
-        top_p=sampling.top_p if sample else 1.0,
-        top_k=0,
-        typical_p=1.0,
-        min_p=0.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0,
-        suppress_tokens=beyond_vocab or None,  # applied before temperature and top_p: q is over the vocabulary
-        eos_token_id=list(sampling.eos_ids),
-        pad_token_id=sampling.pad_id,
-    )
-
-
-@contextmanager
-def _blank_model_generation_config(model):
-    """transformers fills every field a GenerationConfig leaves unset from the model's own
-    generation_config; swap in a blank one for the call so nothing the model ships can leak in."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = target.generation_config
-    target.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        target.generation_config = saved
-
-
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
-    """Sample one response per prompt with HF generate (KV cache, left padding).
-
-    max_new_tokens is a hard stop: ESR sets it to K, so no token past K is ever generated.
-    temperature 0 means greedy decoding. Returns responses on the CPU.
-    """
-    device = next(model.parameters()).device
-    empty = torch.zeros((len(prompts), 0), dtype=torch.long)
-    inputs = pack(prompts, empty, empty.float(), sampling.pad_id)
-    head_rows = model.get_output_embeddings().weight.shape[0]
-    was_training = model.training
-    model.eval()
-    try:
-        with _blank_model_generation_config(model):
-            out = model.generate(
-                input_ids=inputs["input_ids"].to(device),
-                attention_mask=inputs["attention_mask"].to(device),
-                generation_config=generation_config(sampling, head_rows),
-            )
-    finally:
-        model.train(was_training)
-    responses = out[:, inputs["input_ids"].shape[1] :].cpu()
-    return Rollouts(prompts=prompts, responses=responses, mask=response_mask(responses, sampling.eos_ids))

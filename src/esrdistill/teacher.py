@@ -125,6 +125,10 @@ class SameTokenizer:
         logp = score(self.model, [plan.prompts[r] for r in rows], responses, mask, self.pad_id, self.vocab_size, self.micro_batch)
         return Scores(logp=logp, mask=plan.mask[rows, :width].to(logp.device))
 
+    def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) log-probs over the same space: here the student's vocabulary."""
+        return student_logp, scores.logp
+
     def compare(self, student_logp: torch.Tensor, scores: Scores, tokens: torch.Tensor) -> Comparison:
         s = self.settings
         mask = scores.mask

@@ -167,6 +167,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     student, optimizer = accelerator.prepare(pair.student, optimizer)
     plain_student = accelerator.unwrap_model(student)  # for generate, saving and evaluation
+    engine = build.engine(cfg, pair, plain_student)  # the rollouts' sampler: generate on the student, or vLLM
     start_step = 0
     with ranks.fail_together(accelerator):
         if cfg.resume and (found := checkpoint.latest(run_dir)) is not None:
@@ -193,17 +194,17 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             step_start = time.perf_counter()
             reset_peak_memory(device)
             set_seed(order.step_seed(cfg.seed, step, accelerator.process_index))
-            rows = order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed)
-            rows = rows[accelerator.process_index :: procs]  # this process's share
+            positions = range(accelerator.process_index, cfg.batch_size, procs)  # this process's share of the batch
+            rows = [order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed)[j] for j in positions]
             student_prompts = [train_set.student_ids[i] for i in rows]
 
             # ---- 1. rollout: the student samples its own responses --------------------------------
-            with timer("rollout"), pair.autocast():
+            with timer("rollout"):
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
-                batch = rollout.sample(plain_student, student_prompts, run.sampling)
+                batch = engine.sample(student_prompts, run.sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
 
             # ---- 2. what the teacher reads (across tokenizers: the text, aligned) ------------------
-            with timer("teacher"):
+            with timer("align"):  # nothing to do for a shared tokenizer; across tokenizers, text and alignment
                 plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
             counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a loss, all processes
             denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else counted
@@ -246,6 +247,9 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                     optimizer.step()
                 scheduler.step()  # the schedule stays a function of the step, skipped or not
                 optimizer.zero_grad(set_to_none=True)
+            if finite:
+                with timer("sync"):
+                    engine.sync(plain_student)  # the engine samples from the updated student next step
             skipped_in_row = 0 if finite else skipped_in_row + 1
             done = step + 1
             if not finite:
@@ -266,10 +270,9 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
                     if is_main:
-                        with pair.autocast():
-                            result = evaluate(plain_student, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
-                                              run.grade, run.eval_sampling, cfg.eval_batch_size, cfg.eval_samples,
-                                              progress=cfg.progress)
+                        result = evaluate(engine, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
+                                          run.grade, run.eval_sampling, cfg.eval_batch_size, cfg.eval_samples,
+                                          progress=cfg.progress)
                         result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
                         metrics.update(result.metrics("eval"))
                         if result.accuracy > best["accuracy"]:

@@ -111,10 +111,18 @@ class CrossTokenizer:
         return Scores(logp=units.clamp(min=self.floor), mask=mask, extra=extra)
 
     # ---- 3. the loss ---------------------------------------------------------------------------------
+    def student_units(self, student_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, Vs) student log-probs -> (log-probs renormalised over the shared units, (B, T) mapped mass)."""
+        return xtok.renormalise(xtok.unit_logp(student_logp, self.map.student_primary, self.map.student_extra_units,
+                                               self.map.student_extra_ids))
+
+    def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) log-probs over the same space: the shared units, both renormalised."""
+        return self.student_units(student_logp)[0], scores.logp
+
     def compare(self, student_logp: torch.Tensor, scores: Scores, tokens: torch.Tensor) -> Comparison:
         s, mask = self.settings, scores.mask
-        student_units, student_mass = xtok.renormalise(xtok.unit_logp(
-            student_logp, self.map.student_primary, self.map.student_extra_units, self.map.student_extra_ids))
+        student_units, student_mass = self.student_units(student_logp)
         matched = None
         if self.xtok_loss in ("matched_kl", "hybrid"):
             matched = losses.per_token_loss(s.loss, student_units, scores.logp, tokens, mask, s.jsd_beta)

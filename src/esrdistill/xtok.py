@@ -290,3 +290,24 @@ def renormalise(unit_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, U) unit log-probs -> (log-probs renormalised over the units, (B, T) mapped mass)."""
     total = torch.logsumexp(unit_lp, dim=-1, keepdim=True)
     return unit_lp - total, total.squeeze(-1).exp()
+
+
+class TextBridge:
+    """Token ids of one tokenizer -> the text they spell -> token ids of another (the ids themselves
+    when the two tokenizers are the same). Special tokens carry no text; a cut multi-byte character at
+    the end is left out."""
+
+    def __init__(self, source_tokenizer, target_tokenizer, same: bool):
+        self.source, self.target, self.same = source_tokenizer, target_tokenizer, same
+        self.bytes, self.special = (None, None) if same else token_bytes(source_tokenizer)
+
+    def text(self, ids: list[int]) -> str:
+        if self.same:
+            return self.source.decode(ids, skip_special_tokens=True)
+        data = b"".join(self.bytes[i] for i in ids)
+        return data[: valid_utf8_length(data)].decode("utf-8")
+
+    def ids(self, ids: list[int]) -> list[int]:
+        if self.same:
+            return list(ids)
+        return self.target(self.text(ids), add_special_tokens=False, split_special_tokens=True)["input_ids"]
