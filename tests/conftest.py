@@ -35,13 +35,14 @@ def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE, extra: list[str] =
     return tok
 
 
-def make_model(vocab_size: int, seed: int, layers: int = 2, hidden: int = 32, vocab_rows: int | None = None):
+def make_model(vocab_size: int, seed: int, layers: int = 2, hidden: int = 32, vocab_rows: int | None = None,
+               heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_rows or vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=4, pad_token_id=0,
     )
     model = LlamaForCausalLM(config)

