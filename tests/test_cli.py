@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from esrdistill import bench, cli
@@ -56,6 +57,7 @@ def test_bench_summary_skips_the_warm_up_step():
     assert summary["peak_mb"] == 108.0 and summary["steps_measured"] == 2
     text = bench.table({"a": summary, "b": {**summary, "step_s": summary["step_s"] * 2}})
     assert "| step s | 6.00 | 12.00 | 2.0x |" in text
+    assert summary["tokens_per_s"] == pytest.approx(5.0 / 3.0) and summary["sync_s"] == 0.0
 
 
 def test_diagnose_rejects_bad_prefixes(tmp_path, capsys):
@@ -94,3 +96,17 @@ def test_diagnose_with_every_problem_too_long_is_a_clear_error(tiny_dirs, tmp_pa
     assert cli.main(["diagnose", *args, "--out", str(tmp_path / "d"), "--problems", "4"]) == 1
     err = capsys.readouterr().err
     assert "every one of the 4 problems to diagnose is too long" in err and "max_new_tokens=1020" in err
+
+
+def test_equal_work_student_is_the_chosen_layers_of_the_teacher(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(tiny_dirs[0])
+    path = bench.layer_subset(tiny_dirs[0], (1,), tmp_path / "one-layer")
+    subset = AutoModelForCausalLM.from_pretrained(path)
+    assert subset.config.num_hidden_layers == 1
+    a, b = subset.state_dict(), source.state_dict()
+    assert torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    ids = torch.tensor([[3, 40, 41, 42]])
+    assert subset.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)  # its KV cache works

@@ -329,3 +329,11 @@ def test_bf16_full_finetuning_changes_the_weights_as_fp32_does(tiny_dirs, tmp_pa
     both = (fp32.abs() > 1e-7) & (bf16.abs() > 1e-7)
     assert (torch.sign(fp32[both]) == torch.sign(bf16[both])).float().mean().item() > 0.7
     assert bf16.abs().max().item() == pytest.approx(5e-6, rel=0.05)  # Adam's first step: lr per weight
+
+
+def test_min_new_tokens_forces_every_rollout_to_its_full_length(tiny_dirs, tmp_path):
+    student, teacher = tiny_dirs
+    run = tmp_path / "run"
+    train(make_config(tiny_overrides(student, teacher, run, steps=2, rollout_tokens=8, min_new_tokens=8)))
+    for m in tracking.read_metrics(run):
+        assert m["rollout/len_mean"] == 8 and m["rollout/eos_frac"] == 0 and m["rollout/tokens"] == 4 * 8

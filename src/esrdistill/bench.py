@@ -1,6 +1,15 @@
-"""`esrdistill bench`: ESR (K=32) against a full rollout (up to 256 tokens), same prompts, batch and
-seed, each run in its own process so that its peak memory is its own. Prints per-phase seconds per
-step, tokens per step and peak memory side by side, and writes bench.json and bench.md."""
+"""`esrdistill bench`: time per phase, tokens per second and peak memory of training steps, each run in
+its own process (so that its peak memory is its own), side by side.
+
+Jobs (`--job`):
+- esr-vs-full (default): ESR (K=32) against a full rollout (up to 256 tokens) on the packaged SmolLM2,
+  gsm_symbolic prompts with a step-by-step system prompt, batch 8, LoRA r=16.
+- equal-work: the packaged SmolLM2-135M as the teacher and a 57M student made of its layers
+  0,4,8,12,16,20,24,29 (built once), batch 4, full fine-tuning, fp32, every rollout forced to N = 32,
+  128 and 256 tokens: the same work whatever the engine or the tool.
+`--engine hf|vllm|both` picks the rollout engine(s); `--force-length` suppresses EOS so that every
+rollout has exactly its length limit (config key `min_new_tokens`).
+"""
 
 from __future__ import annotations
 
@@ -33,16 +42,46 @@ BENCH_DEFAULTS = {
     "seed": 0,
     "progress": False,
 }
-VARIANTS = {"esr_k32": {"rollout_tokens": 32}, "full_256": {"rollout_tokens": None, "max_new_tokens": 256}}
-PHASES = ("rollout", "teacher", "train", "step")
+EQUAL_WORK_LAYERS = (0, 4, 8, 12, 16, 20, 24, 29)
+EQUAL_WORK_DEFAULTS = {**BENCH_DEFAULTS, "batch_size": 4, "micro_batch_size": 4, "lora_r": 0, "lr": 1e-5, "dtype": "float32"}
+JOBS = {
+    "esr-vs-full": (BENCH_DEFAULTS, {"esr_k32": {"rollout_tokens": 32}, "full_256": {"rollout_tokens": None, "max_new_tokens": 256}}),
+    "equal-work": (EQUAL_WORK_DEFAULTS, {f"n{n}": {"rollout_tokens": n, "min_new_tokens": n} for n in (32, 128, 256)}),
+}
+PHASES = ("rollout", "teacher", "train", "sync", "step")
+
+
+def layer_subset(spec: str, layers: tuple[int, ...], out: Path, model_cache: str | None = None) -> str:
+    """A model made of some decoder layers of another (its embeddings, norm and head kept), saved once."""
+    if (out / "config.json").is_file():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esrdistill.models import locate
+
+    path = locate(spec, model_cache)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.model.layers = type(model.model.layers)([model.model.layers[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    for index, layer in enumerate(model.model.layers):  # KV-cache slots follow the new numbering
+        layer.self_attn.layer_idx = index
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
 
 
 def summarise(metrics: list[dict], skip_first: bool = True) -> dict:
     """Mean per-step figures of a run; the first step (one-time warm-up) is left out when there are more."""
     rows = metrics[1:] if skip_first and len(metrics) > 1 else metrics
     n = max(len(rows), 1)
-    out = {f"{phase}_s": sum(m[f"time/{phase}_s"] for m in rows) / n for phase in PHASES}
+    out = {f"{phase}_s": sum(m.get(f"time/{phase}_s", 0.0) for m in rows) / n for phase in PHASES}
     out["tokens"] = sum(m["rollout/tokens"] for m in rows) / n
+    out["tokens_per_s"] = out["tokens"] / out["rollout_s"] if out["rollout_s"] else 0.0
     out["len_mean"] = sum(m["rollout/len_mean"] for m in rows) / n
     out["eos_frac"] = sum(m["rollout/eos_frac"] for m in rows) / n
     out["decode_steps"] = sum(m.get("rollout/decode_steps", 0) for m in rows) / n
@@ -55,8 +94,9 @@ def summarise(metrics: list[dict], skip_first: bool = True) -> dict:
 def table(results: dict[str, dict]) -> str:
     names = list(results)
     lines = ["| per step (mean after the first) | " + " | ".join(names) + " | ratio |", "|---|" + "---|" * (len(names) + 1)]
-    rows = [("rollout s", "rollout_s"), ("teacher s", "teacher_s"), ("train s", "train_s"), ("step s", "step_s"),
-            ("response tokens", "tokens"), ("mean response length", "len_mean"), ("decode steps run by generate", "decode_steps"),
+    rows = [("rollout s", "rollout_s"), ("teacher s", "teacher_s"), ("train s", "train_s"), ("engine sync s", "sync_s"),
+            ("step s", "step_s"), ("response tokens", "tokens"), ("generated tokens per s", "tokens_per_s"),
+            ("mean response length", "len_mean"), ("decode steps run by generate", "decode_steps"),
             ("prompt tokens", "prompt_tokens"), ("rollouts ended with EOS", "eos_frac"), ("peak memory (RSS on CPU) MB", "peak_mb")]
     for label, key in rows:
         values = [results[n][key] for n in names]
@@ -65,20 +105,34 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def bench(overrides: list[str] | None = None, out: str = "runs/bench") -> dict:
+def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str = "esr-vs-full", engines: tuple[str, ...] = ("hf",),
+          force_length: bool = False) -> dict:
+    from esrdistill.config import ConfigError
+
+    if job not in JOBS:
+        raise ConfigError(f"unknown bench job '{job}': choose one of {', '.join(JOBS)}")
+    defaults, variants = JOBS[job]
     user = parse_overrides(overrides or [])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if job == "equal-work" and "student" not in user:
+        user["student"] = layer_subset(defaults["student"], EQUAL_WORK_LAYERS, out_dir / "models" / "smollm2-57m-layers",
+                                       user.get("model_cache"))
     results = {}
-    for name, variant in VARIANTS.items():
-        values = {**BENCH_DEFAULTS, **variant, **user, "run_dir": str(out_dir / name)}
-        cfg = load_config(None, values)  # validates before spending minutes
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        args = [f"{k}={json.dumps(v) if isinstance(v, dict) else ('null' if v is None else v)}" for k, v in values.items()]
-        print(f"[bench] {name}: {cfg.steps} steps of {cfg.batch_size} rollouts of at most "
-              f"{cfg.rollout_tokens or cfg.max_new_tokens} tokens ...", flush=True)
-        subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args], check=True)
-        results[name] = summarise(read_metrics(cfg.run_dir))
+    for engine in engines:
+        for name, variant in variants.items():
+            values = {**defaults, **variant, **user, "rollout_engine": engine}
+            if force_length:
+                values["min_new_tokens"] = values.get("rollout_tokens") or values.get("max_new_tokens", 1024)
+            label = name if len(engines) == 1 else f"{name} {engine}"
+            values["run_dir"] = str(out_dir / label.replace(" ", "_"))
+            cfg = load_config(None, values)  # validates before spending minutes
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+            args = [f"{k}={json.dumps(v) if isinstance(v, dict) else ('null' if v is None else v)}" for k, v in values.items()]
+            print(f"[bench] {label}: {cfg.steps} steps of {cfg.batch_size} rollouts of {'exactly' if cfg.min_new_tokens else 'at most'} "
+                  f"{cfg.rollout_tokens or cfg.max_new_tokens} tokens ({engine} engine) ...", flush=True)
+            subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args], check=True)
+            results[label] = summarise(read_metrics(cfg.run_dir))
     report = table(results)
     print("\n" + report)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))

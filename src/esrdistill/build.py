@@ -180,7 +180,8 @@ def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int, side: str = "
     tokenizer, eos, vocab = ((pair.tokenizer, pair.eos_ids, pair.vocab_size) if side == "student" else
                              (pair.teacher_tokenizer, pair.teacher_eos_ids, len(pair.teacher_tokenizer)))
     return rollout.Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            eos_ids=tuple(eos), pad_id=tokenizer.pad_token_id, vocab_size=vocab)
+                            eos_ids=tuple(eos), pad_id=tokenizer.pad_token_id, vocab_size=vocab,
+                            min_new_tokens=min(cfg.min_new_tokens, max_new_tokens) if side == "student" else 0)
 
 
 def eval_sampling(cfg: Config, tokenizer, eos_ids: list[int], vocab_size: int, max_new_tokens: int | None = None) -> rollout.Sampling:

@@ -77,7 +77,8 @@ def cmd_quickstart(args) -> int:
 def cmd_bench(args) -> int:
     from esrdistill.bench import bench
 
-    bench(args.overrides, out=args.out)
+    engines = ("hf", "vllm") if args.engine == "both" else (args.engine,)
+    bench(args.overrides, out=args.out, job=args.job, engines=engines, force_length=args.force_length)
     return 0
 
 
@@ -133,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                              "changes to the embedded config")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("bench", help="time per phase of ESR (K=32) vs a full rollout (256 tokens)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="change the benchmark's config")
+    p = sub.add_parser("bench", help="time per phase, tokens/s, peak memory: ESR (K=32) vs a full rollout, or the equal-work job")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="change the benchmark's config (student=..., teacher=...)")
+    p.add_argument("--job", default="esr-vs-full", choices=("esr-vs-full", "equal-work"),
+                   help="esr-vs-full (default) or equal-work (57M student, 135M teacher, N = 32/128/256 forced tokens)")
+    p.add_argument("--engine", default="hf", choices=("hf", "vllm", "both"), help="rollout engine(s) to time")
+    p.add_argument("--force-length", action="store_true", help="hold EOS back: every rollout has exactly its length limit")
     p.add_argument("--out", default="runs/bench", help="directory for the benchmark's runs and report")
     p.set_defaults(func=cmd_bench)
 

@@ -72,6 +72,7 @@ class Config:
     vllm_compile: bool = False  # vllm: torch.compile / CUDA graphs (faster generation, minutes to start); false = eager
     rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout
     max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
+    min_new_tokens: int = 0  # rollouts: EOS is held back before this many tokens (benchmarks force equal lengths); 0 = off
     temperature: float = 0.7  # sampling temperature of rollouts
     top_p: float = 0.95  # nucleus sampling of rollouts (top_k is off)
 
@@ -215,6 +216,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.xtok_teacher_floor < 0, f"xtok_teacher_floor must be < 0 (a log-probability), got {cfg.xtok_teacher_floor}")
     need(cfg.xtok_uld_weight >= 0, f"xtok_uld_weight must be >= 0, got {cfg.xtok_uld_weight}")
     need(0 <= cfg.xtok_min_mapped_mass <= 1, f"xtok_min_mapped_mass must be in [0, 1], got {cfg.xtok_min_mapped_mass}")
+    need(cfg.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {cfg.min_new_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0 (0 = the whole response at once), got {cfg.loss_chunk}")
     need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
     need(not (cfg.dtype == "float16" and cfg.lora_r == 0),
