@@ -86,3 +86,27 @@ def tiny_overrides(student: str, teacher: str, run_dir, **extra) -> dict:
     )
     values.update(extra)
     return values
+
+
+def train_interrupted_then_resumed(values: dict, at_step: int, monkeypatch):
+    """Train with `values`, send SIGINT (what Ctrl-C does) once step `at_step` is logged, then resume:
+    returns the TrainingInterrupted that stopped the first attempt."""
+    import signal
+
+    from esrdistill import tracking
+    from esrdistill.config import make_config
+    from esrdistill.train import TrainingInterrupted, train
+
+    original_log = tracking.MetricsLogger.log
+
+    def interrupt(self, step, metrics):
+        original_log(self, step, metrics)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(tracking.MetricsLogger, "log", interrupt)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(make_config(values))
+    monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
+    train(make_config({**values, "resume": True}))
+    return stop.value

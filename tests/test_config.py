@@ -82,3 +82,17 @@ def test_float16_full_finetuning_is_refused_with_the_alternatives():
     with pytest.raises(ConfigError, match="dtype=float16 with full fine-tuning.*use dtype=bfloat16"):
         load_config(None, ["dtype=float16", "lora_r=0"])
     assert load_config(None, ["dtype=float16", "lora_r=8"]).dtype == "float16"
+
+
+def test_config_lists_the_selection_rules_that_exist():
+    from esrdistill import config, selection
+
+    assert config.SELECT_RULES == selection.RULES
+
+
+def test_rollout_tokens_takes_auto_and_the_schedule_is_checked():
+    assert load_config(None, ["rollout_tokens=auto"]).rollout_tokens == "auto"
+    with pytest.raises(ConfigError, match="rollout_tokens_start=50 is larger than rollout_tokens=20"):
+        load_config(None, ["rollout_tokens=20", "rollout_tokens_schedule=progressive", "rollout_tokens_start=50"])
+    with pytest.raises(ConfigError, match="progressive needs rollout_tokens"):
+        load_config(None, ["rollout_tokens=null", "rollout_tokens_schedule=progressive"])

@@ -79,7 +79,6 @@ def test_lenient_accepts_the_right_answer_anywhere():
 
 
 def test_custom_grader_named_module_function(monkeypatch):
-    import sys
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))

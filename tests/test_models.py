@@ -15,7 +15,7 @@ def test_different_tokenizers_are_refused_with_a_clear_message():
         models.shared_vocab(reordered, student)  # the student has a token the teacher lacks
     from conftest import SPECIALS
     import string
-    from tokenizers import Regex, Tokenizer, decoders, models as tk_models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models as tk_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     swapped = SPECIALS[:2] + [SPECIALS[3], SPECIALS[2]] + SPECIALS[4:] + list(dict.fromkeys(list(string.printable[:95]) + ["\n"]))

@@ -1,16 +1,14 @@
 import json
-import os
-import signal
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_interrupted_then_resumed
 from esrdistill import cli, tracking
 from esrdistill.config import make_config
-from esrdistill.train import TrainingInterrupted, train
+from esrdistill.train import train
 
 STEP_KEYS = {
     "step", "loss", "kl/reverse", "rollout/len_mean", "rollout/eos_frac", "rollout/tokens", "time/rollout_s",
@@ -80,20 +78,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_dirs, tmp_path, monk
 
     resumed = tmp_path / "resumed"
     values = tiny_overrides(student, teacher, resumed, **common)
-    original_log = tracking.MetricsLogger.log
-
-    def interrupt_at_step_2(self, step, metrics):
-        original_log(self, step, metrics)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
-
-    monkeypatch.setattr(tracking.MetricsLogger, "log", interrupt_at_step_2)
-    with pytest.raises(TrainingInterrupted) as stop:
-        train(make_config(values))
-    assert stop.value.step == 2 and stop.value.checkpoint.name == "step_0000002"
-    assert not (resumed / "final").exists()
-    monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
-    train(make_config({**values, "resume": True}))
+    stop = train_interrupted_then_resumed(values, 2, monkeypatch)
+    assert stop.step == 2 and stop.checkpoint.name == "step_0000002"
 
     a, b = _final_state(straight), _final_state(resumed)
     assert a.keys() == b.keys()
@@ -130,7 +116,7 @@ def test_micro_batch_size_does_not_change_training(tiny_dirs, tmp_path):
 
 def _nan_at(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given (1-based) steps, by poisoning per_token_loss on those steps."""
-    from esrdistill import losses, train as train_module
+    from esrdistill import losses
 
     from esrdistill import engine_hf
 
@@ -254,7 +240,6 @@ def test_loss_is_scored_on_the_teachers_own_view(tiny_dirs, tmp_path, monkeypatc
     hand (its system prompt, two worked examples as earlier turns, its suffix) and the student's."""
     import math
 
-    from esrdistill import train as train_module
     from esrdistill.data import load_task
 
     student_dir, teacher_dir = tiny_dirs
@@ -337,3 +322,71 @@ def test_min_new_tokens_forces_every_rollout_to_its_full_length(tiny_dirs, tmp_p
     train(make_config(tiny_overrides(student, teacher, run, steps=2, rollout_tokens=8, min_new_tokens=8)))
     for m in tracking.read_metrics(run):
         assert m["rollout/len_mean"] == 8 and m["rollout/eos_frac"] == 0 and m["rollout/tokens"] == 4 * 8
+
+
+# ---- K schedules, token selection, rollout_tokens=auto ----------------------------------------------------
+
+def test_progressive_k_follows_its_formula_and_survives_a_resume(tiny_dirs, tmp_path, monkeypatch):
+    from esrdistill.order import rollout_k
+
+    student, teacher = tiny_dirs
+    common = dict(steps=5, rollout_tokens=9, rollout_tokens_schedule="progressive", rollout_tokens_start=1, schedule_steps=4,
+                  min_new_tokens=9)
+    expected = [rollout_k(s, 9, "progressive", 1, 4) for s in range(5)]
+    assert expected == [1, 3, 5, 7, 9]
+    straight = tmp_path / "straight"
+    train(make_config(tiny_overrides(student, teacher, straight, **common)))
+    metrics = tracking.read_metrics(straight)
+    assert [m["rollout/k"] for m in metrics] == expected
+    assert [m["rollout/len_mean"] for m in metrics] == expected  # generation really stops at the step's K
+
+    resumed = tmp_path / "resumed"
+    train_interrupted_then_resumed(tiny_overrides(student, teacher, resumed, **common), 2, monkeypatch)
+    assert [m["rollout/k"] for m in tracking.read_metrics(resumed)] == expected
+    assert [m["loss"] for m in tracking.read_metrics(resumed)] == [m["loss"] for m in metrics]
+
+
+def test_selecting_every_token_equals_no_selection_and_top_kl_selects_high_kl(tiny_dirs, tmp_path):
+    student, teacher = tiny_dirs
+    common = dict(steps=2, rollout_tokens=None, max_new_tokens=10, lora_r=0, lr=1e-2)
+    runs = {}
+    for name, extra in {"none": {}, "all": {"token_select": "prefix_mask", "select_tokens": 10},
+                        "top": {"token_select": "top_reverse_kl", "select_tokens": 3}}.items():
+        train(make_config(tiny_overrides(student, teacher, tmp_path / name, **common, **extra)))
+        runs[name] = tracking.read_metrics(tmp_path / name)
+    assert [m["loss"] for m in runs["all"]] == pytest.approx([m["loss"] for m in runs["none"]], rel=1e-6)
+    assert all(m["select/frac_selected"] == 1.0 for m in runs["all"])
+    for m in runs["top"]:
+        assert m["select/reverse_kl_selected"] > m["select/reverse_kl_unselected"]
+        assert 0 < m["select/frac_selected"] < 1 and m["select/mean_position"] >= 0
+        assert m["select/frac_selected"] == pytest.approx(4 * 3 / m["rollout/tokens"])  # 3 of each 10-token rollout
+
+
+def test_rollout_tokens_auto_trains_with_the_diagnostics_k(tiny_dirs, tmp_path):
+    from esrdistill import build
+    from esrdistill.diagnose import auto_k
+
+    student, teacher = tiny_dirs
+    values = tiny_overrides(student, teacher, tmp_path / "run", steps=1, rollout_tokens="auto", max_new_tokens=16,
+                            auto_k_problems=4)
+    messages = []
+    train(make_config(values), log=messages.append)
+    chosen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["rollout_tokens"]
+    assert isinstance(chosen, int) and 1 <= chosen <= 16
+    assert tracking.read_metrics(tmp_path / "run")[0]["rollout/k"] == chosen
+    assert any(m.startswith(f"rollout_tokens=auto: K = {chosen}: ") for m in messages)
+    # the same measurement outside training gives the same K
+    cfg = make_config(values)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    pair = build.pair(cfg, torch.device("cpu"), trainable=True)
+    task = build.task(cfg)
+    assert auto_k(cfg, pair, task, build.grader(cfg, task), say=lambda m: None)[0] == chosen
+
+
+def test_token_selection_needs_full_rollouts():
+    from esrdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="token_select=top_reverse_kl picks tokens of full rollouts: set rollout_tokens=null"):
+        make_config({"token_select": "top_reverse_kl", "rollout_tokens": 50})

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, tiny_overrides
+from conftest import make_model, make_tokenizer, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import engine_hf, tracking
 from esrdistill.rollout import Sampling, response_mask
 
@@ -127,12 +127,10 @@ def test_vllm_never_samples_past_the_vocabulary(tmp_path):
 def test_train_with_vllm_rollouts_resumes_exactly(vllm_dirs, tmp_path, monkeypatch):
     """Two steps, interrupted after the first and resumed, end with the same weights as an uninterrupted
     run: bit for bit on CPU (per-row seeds; the resumed engine gets the checkpoint's weights)."""
-    import signal
-
     from transformers import AutoModelForCausalLM
 
     from esrdistill.config import make_config
-    from esrdistill.train import TrainingInterrupted, train
+    from esrdistill.train import train
 
     student, teacher = vllm_dirs
     common = dict(steps=3, lora_r=4, lr=1e-2, temperature=1.0, rollout_engine="vllm", vllm_kv_cache_gb=0.25, eval_every=3)
@@ -142,18 +140,7 @@ def test_train_with_vllm_rollouts_resumes_exactly(vllm_dirs, tmp_path, monkeypat
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["time/sync_s"] > 0 for m in metrics)
     assert "eval/accuracy" in metrics[-1]
 
-    original_log = tracking.MetricsLogger.log
-
-    def interrupt_at_1(self, step, m):
-        original_log(self, step, m)
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(tracking.MetricsLogger, "log", interrupt_at_1)
-    with pytest.raises(TrainingInterrupted):
-        train(make_config(tiny_overrides(student, teacher, resumed, **common)))
-    monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
-    train(make_config(tiny_overrides(student, teacher, resumed, resume=True, **common)))
+    train_interrupted_then_resumed(tiny_overrides(student, teacher, resumed, **common), 1, monkeypatch)
     a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

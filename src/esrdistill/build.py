@@ -25,6 +25,8 @@ def rollout_length(cfg: Config) -> int:
     ESR: generation stops after K = rollout_tokens tokens; a full rollout (rollout_tokens=None)
     runs to max_new_tokens.
     """
+    if cfg.rollout_tokens == "auto":
+        raise ValueError("rollout_tokens=auto is resolved by train() before the rollout length is asked for")
     return cfg.rollout_tokens if cfg.rollout_tokens is not None else cfg.max_new_tokens
 
 
@@ -50,7 +52,7 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         num_prompts=cfg.num_prompts,
         eval_prompts=cfg.eval_prompts if eval_prompts is None else eval_prompts,
         fewshot=cfg.teacher_fewshot,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
         options=cfg.dataset_options,
         split=cfg.dataset_split,
         need_train=need_train,

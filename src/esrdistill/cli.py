@@ -1,11 +1,9 @@
-"""The `esrdistill` command: train, eval, quickstart, bench, models."""
+"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, models."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from esrdistill.config import ConfigError, describe_fields, load_config
 from esrdistill.errors import UserError
@@ -82,6 +80,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from esrdistill.sweep import sweep
+
+    path, overrides = _split_config_args(args.args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else int(args.seeds)
+    except ValueError:
+        raise ConfigError(f"--seeds takes a number of seeds or a comma-separated list of seeds, got '{args.seeds}'") from None
+    sweep(path, args.grid, seeds, overrides, out=args.out, parallel=args.parallel, grid_file=args.grid_file)
+    return 0
+
+
 def cmd_models(args) -> int:
     import importlib.util
 
@@ -142,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-length", action="store_true", help="hold EOS back: every rollout has exactly its length limit")
     p.add_argument("--out", default="runs/bench", help="directory for the benchmark's runs and report")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="every combination of a grid with several seeds; a table of accuracy over seeds")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value", help="the base config, then overrides for every run")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a config key and its values (repeat)")
+    p.add_argument("--grid-file", help="a YAML file mapping config keys to lists of values")
+    p.add_argument("--seeds", default="3", help="number of seeds (0, 1, ...) or a comma-separated list (default 3)")
+    p.add_argument("--out", default="runs/sweep", help="directory of the runs and the report (default runs/sweep)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("models", help="list the packaged models")
     p.set_defaults(func=cmd_models)

@@ -26,6 +26,8 @@ GRADERS = ("auto", "reasoning_gym", "math", "exact")
 ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "lenient", "none")
 CROSS_TOKENIZER = ("auto", "on", "off")
 ENGINES = ("hf", "vllm")
+SELECT_RULES = ("prefix", "prefix_mask", "random", "middle", "last", "top_reverse_kl", "top_forward_kl", "top_teacher_entropy",
+                "top_student_entropy", "kl_x_student_entropy", "teacher_x_student_entropy", "kl_x_teacher_x_student_entropy")
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 XTOK_ALIGN = ("start", "middle")
 
@@ -70,7 +72,13 @@ class Config:
     vllm_kv_cache_gb: Optional[float] = None  # vllm: KV-cache size in GiB; null = 1 on CPU, vLLM's own sizing on CUDA
     vllm_sleep: bool = False  # vllm on CUDA: free the engine's memory during the teacher and train phases
     vllm_compile: bool = False  # vllm: torch.compile / CUDA graphs (faster generation, minutes to start); false = eager
-    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout
+    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout; auto = the diagnostics' K
+    rollout_tokens_schedule: str = "fixed"  # fixed | progressive (K grows linearly from rollout_tokens_start over schedule_steps)
+    rollout_tokens_start: int = 1  # progressive schedule: K at the first step
+    schedule_steps: Optional[int] = None  # progressive schedule: steps to reach rollout_tokens; null = all the steps
+    auto_k_problems: int = 16  # rollout_tokens=auto: held-out problems the diagnostics use to choose K
+    token_select: str = "prefix"  # prefix (ESR: generation stops at K) | on full rollouts: prefix_mask, random, middle, last, top_reverse_kl, ... (README)
+    select_tokens: int = 100  # token_select other than prefix: tokens per trajectory that carry the loss
     max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
     min_new_tokens: int = 0  # rollouts: EOS is held back before this many tokens (benchmarks force equal lengths); 0 = off
     temperature: float = 0.7  # sampling temperature of rollouts
@@ -97,6 +105,7 @@ class Config:
     steps: int = 200  # optimizer steps
     max_skipped_steps: int = 3  # a step whose loss or gradient is NaN/inf is skipped; stop after this many in a row
     seed: int = 0  # seeds data order, sampling and init; each step reseeds from (seed, step)
+    data_seed: int = 0  # seeds the problems themselves and the held-out split (a sweep over seed keeps them)
 
     # ---- evaluation, checkpoints, output ------------------------------------------------------
     eval_every: int = 50  # evaluate the student every N steps and at the end; 0 = never
@@ -124,6 +133,8 @@ _HINTS = typing.get_type_hints(Config)
 
 def _coerce(key: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the type of field `key`, or raise ConfigError."""
+    if key == "rollout_tokens" and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"  # chosen by the diagnostics before training
     hint = _HINTS[key]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -185,7 +196,22 @@ def validate(cfg: Config) -> Config:
 
     for name in ("student", "teacher", "dataset"):
         need(bool(getattr(cfg, name).strip()), f"{name} is missing: give a local directory, a hub id or packaged:NAME")
-    need(cfg.rollout_tokens is None or cfg.rollout_tokens > 0, f"rollout_tokens must be > 0 or null (full rollout), got {cfg.rollout_tokens}")
+    need(cfg.rollout_tokens is None or cfg.rollout_tokens == "auto" or cfg.rollout_tokens > 0,
+         f"rollout_tokens must be > 0, null (full rollout) or auto, got {cfg.rollout_tokens}")
+    need(cfg.rollout_tokens_schedule in ("fixed", "progressive"),
+         f"rollout_tokens_schedule must be fixed or progressive, got '{cfg.rollout_tokens_schedule}'")
+    need(cfg.rollout_tokens_start >= 1, f"rollout_tokens_start must be >= 1, got {cfg.rollout_tokens_start}")
+    need(cfg.schedule_steps is None or cfg.schedule_steps >= 1, f"schedule_steps must be >= 1 or null, got {cfg.schedule_steps}")
+    need(cfg.rollout_tokens_schedule == "fixed" or cfg.rollout_tokens is not None,
+         "rollout_tokens_schedule=progressive needs rollout_tokens (the final K), not a full rollout")
+    need(cfg.rollout_tokens_schedule == "fixed" or cfg.rollout_tokens == "auto" or cfg.rollout_tokens_start <= cfg.rollout_tokens,
+         f"rollout_tokens_start={cfg.rollout_tokens_start} is larger than rollout_tokens={cfg.rollout_tokens}")
+    need(cfg.auto_k_problems >= 1, f"auto_k_problems must be >= 1, got {cfg.auto_k_problems}")
+    need(cfg.token_select in SELECT_RULES, f"token_select must be one of {', '.join(SELECT_RULES)}, got '{cfg.token_select}'")
+    need(cfg.token_select == "prefix" or cfg.rollout_tokens is None,
+         f"token_select={cfg.token_select} picks tokens of full rollouts: set rollout_tokens=null (and the budget with "
+         "select_tokens); token_select=prefix is ESR itself, where generation stops at K")
+    need(cfg.select_tokens >= 1, f"select_tokens must be >= 1, got {cfg.select_tokens}")
     need(cfg.max_new_tokens > 0, f"max_new_tokens must be > 0, got {cfg.max_new_tokens}")
     need(cfg.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {cfg.temperature}")
     need(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}")

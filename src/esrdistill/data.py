@@ -133,6 +133,8 @@ def load_task(
     what there is when the data has fewer than fewshot + eval_prompts rows.
     """
     options = dict(options or {})
+    if "seed" in options:  # dataset_options: {seed: N} means the data seed, not a second seed argument
+        seed = int(options.pop("seed"))
     if dataset.startswith(REASONING_GYM):
         name = dataset[len(REASONING_GYM) :]
         size = fewshot + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)

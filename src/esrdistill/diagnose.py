@@ -149,6 +149,94 @@ def _json_safe(value):
     return value
 
 
+@dataclass
+class _Measured:
+    """The rollouts of both models, the teacher's decay curve and the per-position profile."""
+
+    decay: dict
+    stats: dict
+    mask: torch.Tensor  # (B, T) positions the profile covers
+    ids: torch.Tensor
+    response_mask: torch.Tensor
+    student_rollouts: list
+    teacher_rollouts: list
+    teacher_lengths: list[int]  # the teacher's answers in student tokens, EOS included
+    share_ks: list[int]
+    shares: dict
+    shares_without_first: dict
+    first_share: float
+    gen: object  # gen(model, prompts, desc, side="student") -> token lists
+
+
+def _measure(cfg: Config, pair, scorer, ps, grade, ks: list[int], bucket: int, say, progress: bool, steps: str = "5") -> _Measured:
+    """Roll both models out on the prompt set, run the decay analysis and profile the student."""
+    pad, eos = pair.tokenizer.pad_token_id, pair.eos_ids
+    micro = cfg.teacher_micro_batch or cfg.micro_batch_size
+    to_teacher = xtok.TextBridge(pair.tokenizer, pair.teacher_tokenizer, same=not pair.cross)
+    to_student = xtok.TextBridge(pair.teacher_tokenizer, pair.tokenizer, same=not pair.cross)
+
+    def gen(model, prompts, desc, side="student"):
+        sampling = build.rollout_sampling(cfg, pair, cfg.max_new_tokens, side)
+        return generate_all(HFEngine(model), prompts, sampling, cfg.eval_batch_size, desc, progress)
+
+    say(f"Rolling out student and teacher on {len(ps.problems)} problems (up to {cfg.max_new_tokens} tokens) ...")
+    student_rollouts = gen(pair.student, ps.student_ids, "student rollouts")
+    teacher_rollouts = gen(pair.teacher, ps.teacher_ids, "teacher rollouts", side="teacher")
+
+    say(f"[1/{steps}] Teacher decay by prefix continuation ...")
+    teacher_continues = build.eval_sampling(cfg, pair.teacher_tokenizer, pair.teacher_eos_ids, len(pair.teacher_tokenizer))
+    student_continues = build.eval_sampling(cfg, pair.tokenizer, eos, pair.vocab_size)
+    t_acc, _ = prefix_continuation(HFEngine(pair.teacher), ps.teacher_ids, student_rollouts, ks, teacher_continues, cfg.eval_batch_size,
+                                   pair.teacher_tokenizer, grade, ps.problems, progress, "teacher continues student",
+                                   bridge=to_teacher, source_eos=eos)
+    s_acc, _ = prefix_continuation(HFEngine(pair.student), ps.student_ids, teacher_rollouts, ks, student_continues, cfg.eval_batch_size,
+                                   pair.tokenizer, grade, ps.problems, progress, "student continues teacher",
+                                   bridge=to_student, source_eos=pair.teacher_eos_ids)
+    n = len(ps.problems)
+    decay = {
+        "ks": ks, "n": n,
+        "teacher_continues_student": [t_acc[k] for k in ks],
+        "teacher_ci": [wilson_interval(round(t_acc[k] * n), n) for k in ks],
+        "student_continues_teacher": [s_acc[k] for k in ks],
+        "student_ci": [wilson_interval(round(s_acc[k] * n), n) for k in ks],
+    }
+
+    say(f"[2/{steps}] Per-position profile of the student's rollouts ...")
+    stats, mask, ids, response_mask = profile(pair.student, scorer, ps.student_ids, ps.teacher_ids, student_rollouts, pad, eos,
+                                              pair.vocab_size, micro, progress, "profile")
+    share_ks = sorted({*range(bucket, mask.shape[1] + bucket, bucket)})
+    # the teacher's answer lengths in student tokens (the K rule counts student tokens)
+    teacher_lengths = [len(to_student.ids(r)) + (1 if r and r[-1] in pair.teacher_eos_ids else 0) if pair.cross else len(r)
+                       for r in teacher_rollouts]
+    return _Measured(decay=decay, stats=stats, mask=mask, ids=ids, response_mask=response_mask, student_rollouts=student_rollouts,
+                     teacher_rollouts=teacher_rollouts, teacher_lengths=teacher_lengths, share_ks=share_ks,
+                     shares=diagnostics.kl_share(stats["reverse_kl"], mask, share_ks),
+                     shares_without_first=diagnostics.kl_share(stats["reverse_kl"], mask, share_ks, skip_first=True),
+                     first_share=diagnostics.first_position_share(stats["reverse_kl"], mask), gen=gen)
+
+
+def _recommend(m: _Measured, decay_fraction: float, share_target: float) -> dict:
+    """The recommended K from a measurement; the KL-share rule leaves response position 0 out."""
+    return diagnostics.recommend_k(m.decay["ks"], m.decay["teacher_continues_student"], m.share_ks,
+                                   [m.shares_without_first[k] for k in m.share_ks], m.teacher_lengths, decay_fraction,
+                                   share_target, first_left_out=True)
+
+
+def auto_k(cfg: Config, pair, task, grade, say=tqdm.write) -> tuple[int, str]:
+    """rollout_tokens=auto: the diagnostics' recommended K for this teacher, student and task, measured
+    on `auto_k_problems` held-out problems (the training prompts when there are none), prefixes at
+    powers of two up to max_new_tokens."""
+    problems = (task.eval or task.train)[: cfg.auto_k_problems]
+    ps = build.prompt_set(cfg, pair, task, problems, cfg.max_new_tokens, "max_new_tokens")
+    ps.require("problems to choose K on")
+    ks = [0] + [2**i for i in range(2, 16) if 2**i < cfg.max_new_tokens]
+    bucket = max(1, cfg.max_new_tokens // 32)
+    m = _measure(cfg, pair, build.teacher(cfg, pair), ps, grade, ks, bucket, say, cfg.progress, steps="2")
+    rec = _recommend(m, 0.9, 0.5)
+    k = max(1, min(int(rec["k"] or cfg.max_new_tokens), cfg.max_new_tokens))
+    return k, f"{rec['reason']} (measured on {len(ps.problems)} problems)"
+
+
 def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     """Run the five analyses; write diagnostics.json, report.md and the plots into options.out."""
     from esrdistill import plots
@@ -175,46 +263,17 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     say(pair.describe())
     if ps.dropped:
         say(f"Note: {ps.dropped} problems dropped: {ps.why_dropped}")
-    to_teacher = xtok.TextBridge(pair.tokenizer, pair.teacher_tokenizer, same=not pair.cross)
-    to_student = xtok.TextBridge(pair.teacher_tokenizer, pair.tokenizer, same=not pair.cross)
-
-    say(f"Rolling out student and teacher on {len(ps.problems)} problems (up to {cfg.max_new_tokens} tokens) ...")
-    def gen(model, prompts, desc, side="student"):
-        sampling = build.rollout_sampling(cfg, pair, cfg.max_new_tokens, side)
-        return generate_all(HFEngine(model), prompts, sampling, cfg.eval_batch_size, desc, progress)
-
-    student_rollouts = gen(pair.student, ps.student_ids, "student rollouts")
-    teacher_rollouts = gen(pair.teacher, ps.teacher_ids, "teacher rollouts", side="teacher")
-
-    say("[1/5] Teacher decay by prefix continuation ...")
-    teacher_continues = build.eval_sampling(cfg, pair.teacher_tokenizer, pair.teacher_eos_ids, len(pair.teacher_tokenizer))
-    student_continues = build.eval_sampling(cfg, pair.tokenizer, eos, pair.vocab_size)
-    t_acc, _ = prefix_continuation(HFEngine(pair.teacher), ps.teacher_ids, student_rollouts, ks, teacher_continues, cfg.eval_batch_size,
-                                   pair.teacher_tokenizer, grade, ps.problems, progress, "teacher continues student",
-                                   bridge=to_teacher, source_eos=eos)
-    s_acc, _ = prefix_continuation(HFEngine(pair.student), ps.student_ids, teacher_rollouts, ks, student_continues, cfg.eval_batch_size,
-                                   pair.tokenizer, grade, ps.problems, progress, "student continues teacher",
-                                   bridge=to_student, source_eos=pair.teacher_eos_ids)
+    m = _measure(cfg, pair, scorer, ps, grade, ks, options.bucket, say, progress, steps="5")
+    decay, stats, mask, student_rollouts, gen = m.decay, m.stats, m.mask, m.student_rollouts, m.gen
     n = len(ps.problems)
-    decay = {
-        "ks": ks, "n": n,
-        "teacher_continues_student": [t_acc[k] for k in ks],
-        "teacher_ci": [wilson_interval(round(t_acc[k] * n), n) for k in ks],
-        "student_continues_teacher": [s_acc[k] for k in ks],
-        "student_ci": [wilson_interval(round(s_acc[k] * n), n) for k in ks],
-    }
-
-    say("[2/5] Per-position profile of the student's rollouts ...")
-    stats, mask, ids, response_mask = profile(pair.student, scorer, ps.student_ids, ps.teacher_ids, student_rollouts, pad, eos,
-                                              pair.vocab_size, micro, progress, "profile")
-    share_ks = sorted({*range(options.bucket, mask.shape[1] + options.bucket, options.bucket)})
-    shares = diagnostics.kl_share(stats["reverse_kl"], mask, share_ks)
     profile_before = _profile_summary(stats, mask, options.bucket)
-    profile_before["kl_share"] = {str(k): v for k, v in shares.items()}
+    profile_before["kl_share"] = {str(k): v for k, v in m.shares.items()}
+    profile_before["kl_share_without_first"] = {str(k): v for k, v in m.shares_without_first.items()}
+    profile_before["first_position_kl_share"] = m.first_share
     alignment = None
     if pair.cross:
-        alignment = diagnostics.alignment_summary(mask, response_mask, stats["student_mapped_mass"], stats["teacher_mapped_mass"],
-                                                  ids, scorer.map.student_unit_of.cpu(), options.bucket)
+        alignment = diagnostics.alignment_summary(mask, m.response_mask, stats["student_mapped_mass"], stats["teacher_mapped_mass"],
+                                                  m.ids, scorer.map.student_unit_of.cpu(), options.bucket)
         for key in ("top_unaligned", "top_unmapped"):
             alignment[key] = [[pair.tokenizer.convert_ids_to_tokens(i), c] for i, c in alignment[key]]
         alignment.update(vocab_mapped=scorer.map.vocab_mapped, units=scorer.map.units, student_vocab=pair.vocab_size,
@@ -223,10 +282,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
             f"{alignment['student_mass']:.1%} (student) / {alignment['teacher_mass']:.1%} (teacher), "
             f"{alignment['vocab_mapped']:.1%} of the student's vocabulary shared")
 
-    # the teacher's answer lengths in student tokens (the K rule counts student tokens)
-    teacher_lengths = [len(to_student.ids(r)) + (1 if r and r[-1] in pair.teacher_eos_ids else 0) if pair.cross else len(r)
-                       for r in teacher_rollouts]
-    lengths = {"student": statistics.median(len(r) for r in student_rollouts), "teacher": statistics.median(teacher_lengths)}
+    lengths = {"student": statistics.median(len(r) for r in student_rollouts), "teacher": statistics.median(m.teacher_lengths)}
     submode = {"student": diagnostics.submode_commitment(stats, mask, options.top_frac)}
     cascading = None
     if options.student_after:
@@ -249,8 +305,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
         say("[3/5] Cascading alignment: skipped (give --student-after, e.g. RUN_DIR/final)")
 
     say("[4/5] Sub-mode commitment and [5/5] the recommended K ...")
-    recommendation = diagnostics.recommend_k(ks, decay["teacher_continues_student"], share_ks, [shares[k] for k in share_ks],
-                                             teacher_lengths, options.decay_fraction, options.share_target)
+    recommendation = _recommend(m, options.decay_fraction, options.share_target)
     result = {
         "teacher": cfg.teacher, "student": cfg.student, "student_after": options.student_after, "dataset": cfg.dataset,
         "problems": n, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "options": asdict(options),

@@ -54,10 +54,18 @@ def bucket_means(values: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[
     return means, counts
 
 
-def kl_share(kl: torch.Tensor, mask: torch.Tensor, ks: list[int]) -> dict[int, float]:
+def kl_share(kl: torch.Tensor, mask: torch.Tensor, ks: list[int], skip_first: bool = False) -> dict[int, float]:
     """For each K, the mean over trajectories of the share of a trajectory's total KL that falls in
-    its first K tokens (trajectories with zero total KL are left out)."""
-    kl = kl * mask
+    its first K tokens (trajectories with zero total KL are left out).
+
+    skip_first=True leaves response position 0 out of both the share and the total: the first
+    position often carries a large, template-driven KL (the student's opening against the teacher's
+    own format) that inflates "the first K tokens hold most of the KL".
+    """
+    kl = torch.where(mask.bool(), kl, torch.zeros((), dtype=kl.dtype))
+    if skip_first:
+        kl = kl.clone()
+        kl[:, 0] = 0
     total = kl.sum(-1)  # (B,)
     keep = total > 0
     out = {}
@@ -65,6 +73,14 @@ def kl_share(kl: torch.Tensor, mask: torch.Tensor, ks: list[int]) -> dict[int, f
         share = kl[:, :k].sum(-1)[keep] / total[keep]
         out[k] = float(share.mean().item()) if keep.any() else float("nan")
     return out
+
+
+def first_position_share(kl: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over trajectories of the share of a trajectory's KL at response position 0."""
+    kl = torch.where(mask.bool(), kl, torch.zeros((), dtype=kl.dtype))
+    total = kl.sum(-1)
+    keep = total > 0
+    return float((kl[:, 0][keep] / total[keep]).mean()) if keep.any() else float("nan")
 
 
 def submode_commitment(stats: dict[str, torch.Tensor], mask: torch.Tensor, top_frac: float = 0.1) -> dict[str, float]:
@@ -106,6 +122,7 @@ def recommend_k(
     teacher_lengths: list[int],
     decay_fraction: float = 0.9,
     share_target: float = 0.5,
+    first_left_out: bool = False,
 ) -> dict:
     """A rollout length K from the evidence, with the reason.
 
@@ -118,7 +135,8 @@ def recommend_k(
         teacher's whole answer: K = the 90th percentile of the teacher's response length, EOS
         included, so that K also reaches the point where the answer stops.
     share: the smallest K whose first K tokens hold `share_target` of a trajectory's KL; used when
-        the teacher solves nothing, so that accuracy says nothing.
+        the teacher solves nothing, so that accuracy says nothing. Pass the shares without position 0
+        (kl_share(skip_first=True)) and say so with `first_left_out`.
     teacher_lengths: token counts of the teacher's own responses (EOS included).
     """
     rules: dict[str, int | None] = {"decay": None, "coverage": None, "share": None}
@@ -146,7 +164,8 @@ def recommend_k(
     elif rules["share"] is not None:
         k = rules["share"]
         reasons.append(f"the teacher solves none of the problems, so the first {k} tokens, which hold "
-                       f">= {share_target:.0%} of a trajectory's KL, are taken")
+                       f">= {share_target:.0%} of a trajectory's KL"
+                       + (" (response position 0 left out of the shares)" if first_left_out else "") + ", are taken")
     else:
         k = share_ks[-1] if share_ks else None
         reasons.append("no rule applies; the longest measured length is given")

@@ -14,44 +14,85 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from esrdistill import losses
+from esrdistill import losses, selection
 from esrdistill.rollout import head_logits, response_logits
 from esrdistill.teacher import log_probs
 
 
+# the per-token signals of token selection, by the metric names the teachers report them under
+SIGNAL_METRICS = {"reverse_kl": "kl/reverse", "forward_kl": "kl/forward", "teacher_entropy": "teacher/entropy",
+                  "student_entropy": "student/entropy"}
+
+
 def micro_batch_loss(student, teacher, scores, prompts, responses: torch.Tensor, mask: torch.Tensor, pad_id: int,
-                     vocab_size: int, autocast, norm: str, denominator: float, chunk: int = 0) -> tuple[torch.Tensor, dict]:
+                     vocab_size: int, autocast, norm: str, denominator: float, chunk: int = 0,
+                     select_rule: str = "prefix", budget: int = 0) -> tuple[torch.Tensor, dict]:
     """(this micro-batch's share of the batch loss, with gradient; {metric: sum over its positions}).
 
     scores: the teacher's Scores of these rows (log-probs, or hidden states when chunk > 0).
     responses, mask: (b, T) on the CPU; autocast: the student's compute context.
+    select_rule, budget: token selection (selection.py); the metrics cover every counted position,
+    the loss only the selected ones.
     """
     device = next(student.parameters()).device
     tokens = responses.to(device)
+    needs_signals = select_rule in selection.SIGNALS
     if not chunk:
         with autocast():
             logits = response_logits(student, prompts, responses, mask, pad_id)
         comparison = teacher.compare(log_probs(logits, vocab_size), scores, tokens)
-        loss = losses.reduce_loss(comparison.per_token, scores.mask, norm, denominator)
-        return loss, {k: v.sum().item() for k, v in comparison.metrics.items()}
+        sums = {k: v.sum().item() for k, v in comparison.metrics.items()}
+        per_token, chosen = comparison.per_token, scores.mask.bool()
+        if select_rule != "prefix":
+            signals = {name: comparison.metrics[key] for name, key in SIGNAL_METRICS.items()}
+            chosen = selection.select(select_rule, scores.mask, budget, signals if needs_signals else None)
+            per_token = torch.where(chosen, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+            sums.update(selection.selection_metrics(chosen, scores.mask, signals))
+        return losses.reduce_loss(per_token, chosen.float(), norm, denominator), sums
 
     with autocast():
         hidden = response_logits(student, prompts, responses, mask, pad_id, hidden=True)  # (b, T, H)
-    row_tokens = scores.mask.sum(-1)  # the trajectory mean divides by the whole row's count
+    width = hidden.shape[1]
     sums: dict[str, float] = {}
+    chosen = scores.mask.bool()
+    if select_rule != "prefix":
+        signals = None
+        if needs_signals:  # a first pass without gradient: the signals of every position, chunk by chunk
+            parts = []
+            with torch.no_grad():
+                for start in range(0, width, chunk):
+                    positions = slice(start, start + chunk)
+                    metrics = teacher.compare(log_probs(head_logits(student, hidden[:, positions].detach()), vocab_size),
+                                              scores.chunk(positions), tokens[:, positions]).metrics
+                    parts.append({name: metrics[key] for name, key in SIGNAL_METRICS.items()})
+            signals = {name: torch.cat([p[name] for p in parts], dim=1) for name in SIGNAL_METRICS}
+        chosen = selection.select(select_rule, scores.mask, budget, signals)
+        if signals is not None:
+            sums.update(selection.selection_metrics(chosen, scores.mask, signals))
+    row_tokens = chosen.sum(-1).float()  # the trajectory mean divides by the whole row's count
     recorded: set[int] = set()
+    positional_signals: dict[str, list[torch.Tensor]] = {}
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[1], chunk):
+    for start in range(0, width, chunk):
         positions = slice(start, start + chunk)
         part = scores.chunk(positions)
+        picked = chosen[:, positions]
 
-        def chunk_loss(h: torch.Tensor, start: int = start, part=part, positions=positions) -> torch.Tensor:
+        def chunk_loss(h: torch.Tensor, start: int = start, part=part, positions=positions, picked=picked) -> torch.Tensor:
             comparison = teacher.compare(log_probs(head_logits(student, h), vocab_size), part, tokens[:, positions])
             if start not in recorded:  # the backward pass runs this again: count the metrics once
                 recorded.add(start)
                 for key, value in comparison.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.sum().item()
-            return losses.reduce_loss(comparison.per_token, part.mask, norm, denominator, row_tokens)
+                if select_rule in selection.POSITIONAL:
+                    for name, key in SIGNAL_METRICS.items():
+                        positional_signals.setdefault(name, []).append(comparison.metrics[key].detach())
+            per_token = torch.where(picked, comparison.per_token, torch.zeros((), dtype=comparison.per_token.dtype,
+                                                                               device=comparison.per_token.device))
+            return losses.reduce_loss(per_token, picked.float(), norm, denominator, row_tokens)
 
         total = total + checkpoint(chunk_loss, hidden[:, positions], use_reentrant=False)
+    if positional_signals:
+        signals = {name: torch.cat(values, dim=1) for name, values in positional_signals.items()}
+        sums.update(selection.selection_metrics(chosen, scores.mask, signals))
     return total, sums

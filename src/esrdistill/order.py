@@ -48,6 +48,15 @@ def row_seed(seed: int, step: int, position: int) -> int:
     return random.Random(f"row-{seed}-{step}-{position}").getrandbits(63)
 
 
+def rollout_k(step: int, k: int, schedule: str = "fixed", start: int = 1, schedule_steps: int = 1) -> int:
+    """ESR's K at optimizer step `step` (0-based): `k` for a fixed schedule; for a progressive one,
+    linear from `start` at step 0 to `k` at step `schedule_steps` and after (rounded down). A pure
+    function of the step, so a resumed run draws the same K."""
+    if schedule == "fixed" or step >= schedule_steps:
+        return k
+    return start + (k - start) * step // schedule_steps
+
+
 def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Rows grouped into micro-batches of at most `size`, longest responses first.
 

@@ -98,7 +98,11 @@ def plot_submode(result: dict, path: Path) -> Path:
 def plot_kl_share(result: dict, path: Path) -> Path:
     shares = {int(k): v for k, v in result["profile"]["kl_share"].items()}
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(list(shares), _finite(list(shares.values())), marker="o")
+    ax.plot(list(shares), _finite(list(shares.values())), marker="o", label="all positions")
+    without = result["profile"].get("kl_share_without_first")
+    if without:
+        ax.plot([int(k) for k in without], _finite(list(without.values())), marker=".", label="position 0 left out")
+        ax.legend(fontsize=8)
     ax.axhline(result["options"]["share_target"], color="grey", linewidth=0.8)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("K (first K response tokens)")
@@ -177,7 +181,13 @@ def report_markdown(result: dict, pngs: dict[str, Path]) -> str:
                      f"{_num(p['teacher_entropy'][i])} | {_num(p['student_entropy'][i])} | {_num(p['teacher_top1_prob'][i])} | "
                      f"{_num(p['agreement'][i])} |")
     lines += ["", "Share of a trajectory's KL in its first K tokens: "
-              + ", ".join(f"K={k}: {_pct(v)}" for k, v in p["kl_share"].items()), "", f"![profile]({pngs['profile'].name})", ""]
+              + ", ".join(f"K={k}: {_pct(v)}" for k, v in p["kl_share"].items()), ""]
+    if "kl_share_without_first" in p:
+        lines += [f"Response position 0 alone holds {_pct(p['first_position_kl_share'])} of a trajectory's KL (often the "
+                  "student's opening against the teacher's own format). Without it: "
+                  + ", ".join(f"K={k}: {_pct(v)}" for k, v in p["kl_share_without_first"].items())
+                  + ". The K rule's share uses the shares without position 0.", ""]
+    lines += [f"![profile]({pngs['profile'].name})", ""]
     lines += ["## 3. Cascading alignment", ""]
     c = result.get("cascading")
     if c:

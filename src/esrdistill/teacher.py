@@ -117,10 +117,13 @@ def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, m
     with torch.no_grad():
         if reverse_kl is None:
             reverse_kl = losses.reverse_kl(student_logp, teacher_logp, mask)
+        student_logp = student_logp.detach()
         entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
         return {
             "kl/reverse": reverse_kl.detach(),
+            "kl/forward": losses.forward_kl(student_logp, teacher_logp, mask),
             "teacher/entropy": torch.where(counted, entropy, 0.0),
+            "student/entropy": torch.where(counted, -(student_logp.exp() * student_logp).sum(-1), 0.0),
             "agree/top1": ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & counted).float(),
         }
 

@@ -8,6 +8,7 @@ esrdistill.cli train ...` for N processes (each samples its share of the batch; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -23,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, objective, order, ranks, rollout
+from esrdistill import build, checkpoint, objective, order, ranks, rollout, selection
 from esrdistill.config import Config, ConfigError, save_config, to_dict
 from esrdistill.errors import UserError
 from esrdistill.evaluate import evaluate
@@ -86,7 +87,8 @@ def _check_run_dir(cfg: Config, log) -> Path:
         )
     if cfg.resume and (run_dir / "config.yaml").is_file():
         before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v)
+        changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v
+                         and not (k == "rollout_tokens" and v == "auto"))
         if changed:
             log(f"Warning: resuming with changed settings: {', '.join(changed)}")
     return run_dir
@@ -114,6 +116,7 @@ def _trim_metrics(run_dir: Path, last_step: int, log) -> None:
 class _Setup:
     """What the loop needs, built from the config once."""
 
+    cfg: Config  # the config with rollout_tokens=auto resolved
     run_dir: Path
     pair: build.Pair
     teacher: object  # teacher.SameTokenizer or xteacher.CrossTokenizer
@@ -141,7 +144,21 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     with ranks.fail_together(accelerator):
         set_seed(cfg.seed)
         pair = build.pair(cfg, device, trainable=True)
-        rollout_len = build.rollout_length(cfg)  # ESR: K tokens; a full rollout: max_new_tokens
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if cfg.resume and (run_dir / "config.yaml").is_file() else {}
+        if cfg.rollout_tokens == "auto" and isinstance((saved or {}).get("rollout_tokens"), int):
+            cfg = dataclasses.replace(cfg, rollout_tokens=saved["rollout_tokens"])  # a resumed run keeps the K it chose
+            say(f"rollout_tokens=auto: K = {cfg.rollout_tokens}, as chosen when this run started")
+        if cfg.rollout_tokens == "auto":  # the diagnostics choose K for this pair and task, on the first process
+            from esrdistill.diagnose import auto_k
+
+            choice = [auto_k(cfg, pair, task, grade, say) if is_main else None]
+            if procs > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(choice)
+            cfg = dataclasses.replace(cfg, rollout_tokens=choice[0][0])
+            say(f"rollout_tokens=auto: K = {cfg.rollout_tokens}: {choice[0][1]}")
+        rollout_len = build.rollout_length(cfg)  # ESR: K tokens (the largest of a schedule); a full rollout: max_new_tokens
         train_set = build.prompt_set(cfg, pair, task, task.train, rollout_len, build.rollout_length_key(cfg))
         eval_set = build.prompt_set(cfg, pair, task, task.eval, cfg.max_new_tokens, "max_new_tokens")
         train_set.require("training prompts")
@@ -158,7 +175,7 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     if cfg.loss == "sampled" and cfg.top_p < 1:
         say(f"Warning: loss=sampled with top_p={cfg.top_p}: tokens outside the nucleus are never sampled, so the "
             "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
-    return _Setup(run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
+    return _Setup(cfg=cfg, run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
                   sampling=build.rollout_sampling(cfg, pair, rollout_len),
                   eval_sampling=build.eval_sampling(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size))
 
@@ -169,7 +186,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     say = log if is_main else (lambda message: None)
     run = _setup(cfg, accelerator, say)
-    run_dir, pair, teacher, train_set = run.run_dir, run.pair, run.teacher, run.train_set
+    cfg, run_dir, pair, teacher, train_set = run.cfg, run.run_dir, run.pair, run.teacher, run.train_set
     pad_id = pair.tokenizer.pad_token_id
 
     # ---- optimisation, resume --------------------------------------------------------------------
@@ -214,19 +231,25 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             student_prompts = [train_set.student_ids[i] for i in rows]
 
             # ---- 1. rollout: the student samples its own responses --------------------------------
+            k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
+                                cfg.schedule_steps or cfg.steps)
+            sampling = dataclasses.replace(run.sampling, max_new_tokens=k, min_new_tokens=min(run.sampling.min_new_tokens, k))
             with timer("rollout"):
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
-                batch = engine.sample(student_prompts, run.sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
+                batch = engine.sample(student_prompts, sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
 
             # ---- 2. what the teacher reads (across tokenizers: the text, aligned) ------------------
             with timer("align"):  # nothing to do for a shared tokenizer; across tokenizers, text and alignment
                 plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
-            counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a loss, all processes
-            denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else counted
+            counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a teacher signal, all processes
+            selected = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum().float()
+            selected = accelerator.reduce(selected.to(device), "sum").item()  # positions that carry the loss
+            denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else selected
 
             # ---- 3-4. per micro-batch: teacher scores, student loss, backward ----------------------
             student.train()
             sums = {"loss": 0.0, "response_tokens": float(batch.mask.sum()), "prompt_tokens": float(sum(map(len, student_prompts))),
+                    "loss_tokens": float(selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()),
                     "ended": float((torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & batch.mask.bool()).any(-1).sum())}
             groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
             for i, idx in enumerate(groups):
@@ -239,7 +262,8 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                     with sync:
                         loss, metric_sums = objective.micro_batch_loss(
                             student, teacher, scores, [student_prompts[j] for j in idx], responses, mask_cpu, pad_id,
-                            pair.vocab_size, pair.autocast, cfg.loss_norm, denominator, cfg.loss_chunk)
+                            pair.vocab_size, pair.autocast, cfg.loss_norm, denominator, cfg.loss_chunk, cfg.token_select,
+                            cfg.select_tokens)
                         # DDP averages gradients over processes; scaling by their number makes it a sum.
                         accelerator.backward(loss * procs)
                     sums["loss"] += loss.item()
@@ -271,7 +295,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
             # ---- 6. log, evaluate, checkpoint ------------------------------------------------------
             metrics = _step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
-            metrics.update({"rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
+            metrics.update({"rollout/k": k, "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
                             "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
             for side in ("student", "teacher"):
                 mass = metrics.get(f"xtok/{side}_mapped_mass")
@@ -351,11 +375,13 @@ def _step_metrics(totals: dict[str, float], counted: float, batch_size: int, con
     """
     out = {"loss": totals["loss"]}
     for key, value in totals.items():
-        if "/" in key and not key.endswith((":num", ":den")):
+        if "/" in key and not key.endswith((":num", ":den")) and not key.startswith("select/"):
             out[key] = value / max(counted, 1)
         elif key.endswith(":num"):
             name = key[: -len(":num")]
             out[name] = value / max(totals[name + ":den"], 1)
+    out.update(selection.summarise(totals))
+    out["loss/tokens"] = int(totals["loss_tokens"])  # positions that carried the loss
     tokens = totals["response_tokens"]
     out.update({
         "rollout/len_mean": tokens / batch_size,
