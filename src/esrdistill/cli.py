@@ -1,4 +1,4 @@
-"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, models."""
+"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, lab, models."""
 
 from __future__ import annotations
 
@@ -92,6 +92,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_lab(args) -> int:
+    out = args.out or ("runs/lab-quick" if args.quick else "runs/lab")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.what == "models":
+        from esrdistill import lab
+
+        if args.quick:
+            lab.models(out, teacher=lab.QUICK_TEACHER, student=lab.QUICK_STUDENT, eval_problems=16)
+        else:
+            lab.models(out)
+    else:
+        from esrdistill.lab_repro import repro
+
+        repro(out, quick=args.quick, parallel=args.parallel)
+    return 0
+
+
 def cmd_models(args) -> int:
     import importlib.util
 
@@ -161,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="directory of the runs and the report (default runs/sweep)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("lab", help="small models trained from scratch on a synthetic task; `lab repro`: the paper's claims "
+                                   "re-checked with seeds (about an hour on 2 CPU cores)")
+    p.add_argument("what", choices=("models", "repro"), help="models: train (or reuse) the teacher and student and report "
+                                                              "their accuracy; repro: the ablation grid, diagnostics, claims")
+    p.add_argument("--quick", action="store_true", help="tiny models and a reduced grid (a few minutes; for the tests)")
+    p.add_argument("--out", help="the lab's directory (default runs/lab, runs/lab-quick with --quick)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("models", help="list the packaged models")
     p.set_defaults(func=cmd_models)

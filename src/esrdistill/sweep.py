@@ -220,6 +220,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         label = ", ".join(f"{k}={v}" for k, v in zip(rest, other)) or "final accuracy"
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
     ax.set_xlabel(first)
+    if sum(len(str(r["combo"][first])) for r in rows) > 40:  # long category names: slant them
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("final eval accuracy (mean ± std over seeds)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
