@@ -110,3 +110,19 @@ def train_interrupted_then_resumed(values: dict, at_step: int, monkeypatch):
     monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
     train(make_config({**values, "resume": True}))
     return stop.value
+
+
+@pytest.fixture(scope="session")
+def byte_level():
+    """A tiny byte-level BPE chat tokenizer (tests/xtok_tokenizers.py)."""
+    from xtok_tokenizers import byte_level_tokenizer
+
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sentencepiece():
+    """A tiny SentencePiece-style (Unigram, BOS) base tokenizer (tests/xtok_tokenizers.py)."""
+    from xtok_tokenizers import sentencepiece_tokenizer
+
+    return sentencepiece_tokenizer()

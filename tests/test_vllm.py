@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, tiny_overrides, train_interrupted_then_resumed
+from conftest import make_tokenizer, save_pair, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import engine_hf, tracking
 from esrdistill.rollout import Sampling, response_mask
 
@@ -21,13 +21,7 @@ EOS, PAD = 4, 0
 
 
 def _save(path, seed, vocab_rows=None):
-    tok = make_tokenizer()
-    model = make_model(len(tok), seed, hidden=64, heads=2, kv_heads=1, vocab_rows=vocab_rows)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_pair(path, seed, hidden=64, heads=2, kv_heads=1, vocab_rows=vocab_rows)
 
 
 @pytest.fixture(scope="module")

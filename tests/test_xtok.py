@@ -1,17 +1,16 @@
 """Cross-tokenizer distillation: token bytes, alignment, vocabulary mapping and losses, each against a
-slow reference; the permuted-copy identity; and an end-to-end run on two tokenizers of different kinds."""
+slow reference, and the permuted-copy identity (runs end to end: test_xtok_runs.py)."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, tiny_overrides
-from esrdistill import cli, losses, tracking, xtok
+from conftest import make_model, make_tokenizer
+from esrdistill import losses, xtok
 from esrdistill.teacher import LossSettings, SameTokenizer, log_probs
 from esrdistill.xteacher import CrossTokenizer
-from xtok_tokenizers import byte_level_tokenizer, permute_model, permuted_copy, sentencepiece_tokenizer
+from xtok_tokenizers import permute_model, permuted_copy
 
 TEXTS = [
     "What is 3 + 4? The answer is 7.",
@@ -23,16 +22,6 @@ TEXTS = [
     "digits 1234567890 and 98765",
     "<answer>15</answer>",
 ]
-
-
-@pytest.fixture(scope="module")
-def byte_level():
-    return byte_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sentencepiece():
-    return sentencepiece_tokenizer()
 
 
 # ---- token bytes ------------------------------------------------------------------------------------
@@ -337,86 +326,6 @@ def test_a_permuted_copy_of_the_tokenizer_gives_the_same_loss_and_gradients():
     assert cross.map.vocab_mapped == 1.0
 
 
-# ---- the whole loop on two tokenizers of different kinds -----------------------------------------------
-
-@pytest.fixture(scope="module")
-def cross_dirs(tmp_path_factory, byte_level, sentencepiece):
-    """A byte-level chat student and a SentencePiece-style base teacher, as local model directories."""
-    root = tmp_path_factory.mktemp("xtok")
-    out = []
-    for name, tok, seed in (("student", byte_level, 1), ("teacher", sentencepiece, 2)):
-        model = make_model(len(tok), seed)
-        model.config.eos_token_id = tok.eos_token_id
-        model.config.bos_token_id = tok.bos_token_id
-        model.config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out.append(str(root / name))
-    return out
-
-
-@pytest.mark.parametrize("xtok_loss", ["matched_kl", "hybrid"])
-def test_train_two_steps_across_tokenizers_writes_the_xtok_metrics(cross_dirs, tmp_path, capsys, xtok_loss):
-    student, teacher = cross_dirs
-    run = tmp_path / "run"
-    values = tiny_overrides(student, teacher, run, steps=2, teacher_fewshot=2, xtok_loss=xtok_loss)
-    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
-    assert cli.main(["train", *args]) == 0
-    metrics = tracking.read_metrics(run)
-    assert [m["step"] for m in metrics] == [1, 2]
-    for m in metrics:
-        assert 0 < m["xtok/aligned_frac"] <= 1
-        assert 0 < m["xtok/student_mapped_mass"] <= 1 + 1e-6 and 0 < m["xtok/teacher_mapped_mass"] <= 1 + 1e-6
-        assert 0 < m["xtok/vocab_mapped"] < 1
-        assert math.isfinite(m["loss"]) and m["loss"] >= 0
-    assert "tokenizers: cross-tokenizer distillation (they differ" in capsys.readouterr().out
-
-
-def test_cross_tokenizer_off_keeps_the_clear_error_and_on_forces_the_path(cross_dirs, tiny_dirs, tmp_path, capsys):
-    student, teacher = cross_dirs
-    values = tiny_overrides(student, teacher, tmp_path / "off", steps=1, cross_tokenizer="off")
-    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
-    assert cli.main(["train", *args]) == 1
-    assert "tokenizers differ" in capsys.readouterr().err
-    same_student, same_teacher = tiny_dirs
-    run = tmp_path / "on"
-    values = tiny_overrides(same_student, same_teacher, run, steps=1, cross_tokenizer="on")
-    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
-    assert cli.main(["train", *args]) == 0
-    assert tracking.read_metrics(run)[0]["xtok/vocab_mapped"] == 1.0
-
-
-def test_losses_that_make_no_sense_across_tokenizers_are_clear_errors(cross_dirs, tmp_path, capsys):
-    student, teacher = cross_dirs
-    for extra, message in (({"loss": "sampled"}, "loss=sampled needs the teacher's probability"),
-                           ({"xtok_loss": "uld", "loss": "forward_kl"}, "xtok_loss=uld compares sorted probabilities")):
-        values = tiny_overrides(student, teacher, tmp_path / extra.get("loss", "x"), steps=1, **extra)
-        args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
-        assert cli.main(["train", *args]) == 1
-        assert message in capsys.readouterr().err
-
-
-def test_diagnose_across_tokenizers_reports_the_alignment(cross_dirs, tmp_path):
-    from esrdistill.config import make_config
-    from esrdistill.diagnose import DiagnoseOptions, diagnose
-
-    student, teacher = cross_dirs
-    cfg = make_config(tiny_overrides(student, teacher, tmp_path / "unused", eval_prompts=4, max_new_tokens=10,
-                                     answer_extract="last_number"))
-    out = tmp_path / "diag"
-    result = diagnose(cfg, DiagnoseOptions(out=str(out), student_after=student, problems=4, prefixes=(0, 2, 4), bucket=2))
-    a = result["alignment"]
-    assert 0 < a["aligned_frac"] <= 1 and 0 < a["vocab_mapped"] < 1 and a["rule"] == "start"
-    assert len(a["aligned_by_bucket"]) == 5 and all(0 <= x <= 1 for x in a["aligned_by_bucket"])
-    assert all(isinstance(t, str) and c > 0 for t, c in a["top_unaligned"] + a["top_unmapped"])
-    assert len(result["decay"]["teacher_continues_student"]) == 3
-    report = (out / "report.md").read_text()
-    assert "## Alignment of the two tokenizers" in report and "shared token units" in report
-    assert (out / "alignment.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_prefixes_cross_tokenizers_through_their_text(byte_level, sentencepiece):
     """The teacher continuing a student's prefix reads the prefix's text in its own tokens."""
     bridge = xtok.TextBridge(byte_level, sentencepiece, same=False)
@@ -426,31 +335,3 @@ def test_prefixes_cross_tokenizers_through_their_text(byte_level, sentencepiece)
     cut = next(n for n in range(1, len(ids)) if xtok.valid_utf8_length(b"".join(bridge.bytes[i] for i in ids[:n])) <
                len(b"".join(bridge.bytes[i] for i in ids[:n])))
     assert "\ufffd" not in bridge.text(ids[:cut])  # a cut character is left out, never replaced
-
-
-def test_quickstart_cross_runs_both_arms_and_reports_the_alignment(cross_dirs, tmp_path, monkeypatch, capsys):
-    """The flow of `esrdistill quickstart cross` (ESR and a full rollout of the same budget, before/after
-    accuracies, alignment statistics) on the tiny cross-tokenizer pair instead of the packaged one."""
-    import yaml
-
-    from esrdistill import quickstart
-
-    student, teacher = cross_dirs
-    config = tmp_path / "cross.yaml"
-    values = tiny_overrides(student, teacher, tmp_path / "unused", steps=2, eval_prompts=3, teacher_fewshot=1, save_every=0)
-    values.pop("run_dir")
-    config.write_text(yaml.safe_dump(values))
-    monkeypatch.setitem(quickstart.VARIANTS, "cross", (config, quickstart.VARIANTS["cross"][1]))
-    run = tmp_path / "qs"
-    assert cli.main(["quickstart", "cross", f"run_dir={run}", "rollout_tokens=4"]) == 0
-    out = capsys.readouterr().out
-    assert "| student after ESR, K=4 |" in out and "| student after a full rollout (up to 12) |" in out
-    assert "| xtok/aligned_frac |" in out
-    report = json.loads((run / "quickstart.json").read_text())
-    assert {"student_after_esr", "student_after_full"} <= set(report)
-    assert set(report["alignment"]["esr"]) == {"xtok/aligned_frac", "xtok/student_mapped_mass", "xtok/teacher_mapped_mass",
-                                               "xtok/vocab_mapped"}
-    assert [m["rollout/len_mean"] <= 4 for m in tracking.read_metrics(run / "esr")] == [True, True]
-    assert (run / "full" / "final" / "config.json").is_file()
-    assert cli.main(["quickstart", "crosss"]) == 2
-    assert "unknown quickstart 'crosss'" in capsys.readouterr().err

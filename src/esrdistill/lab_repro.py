@@ -51,15 +51,19 @@ def arms(grid: Grid) -> list[tuple[str, dict]]:
     return out
 
 
+def run_values(root: Path, grid: Grid, arm: str, seed: int) -> dict:
+    """The config values of one arm's run with one seed."""
+    return lab.lab_config(root, **{"steps": grid.steps, "eval_prompts": grid.eval_problems, **grid.overrides,
+                                   **dict(arms(grid))[arm], "seed": seed, "run_dir": str(root / "runs" / arm / f"seed{seed}")})
+
+
 def plan(root: Path, grid: Grid) -> list[sweep.Run]:
     runs = []
-    for name, extra in arms(grid):
+    for name, _ in arms(grid):
         for seed in range(grid.seeds):
-            run_dir = root / "runs" / name / f"seed{seed}"
-            values = lab.lab_config(root, **{"steps": grid.steps, "eval_prompts": grid.eval_problems, **grid.overrides, **extra,
-                                             "seed": seed, "run_dir": str(run_dir)})
+            values = run_values(root, grid, name, seed)
             load_config(None, values)  # a bad value fails before any run starts
-            runs.append(sweep.Run(combo={"arm": name}, seed=seed, run_dir=run_dir, values=values))
+            runs.append(sweep.Run(combo={"arm": name}, seed=seed, run_dir=Path(values["run_dir"]), values=values))
     return runs
 
 
@@ -296,7 +300,7 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
 
     say("[lab] diagnostics: teacher decay, profile, cascading alignment and sub-mode commitment (seed 0)")
     diag_dir = root / "diagnostics"
-    esr_cfg = load_config(None, plan_values(root, grid, f"esr_k{grid.k}"))
+    esr_cfg = load_config(None, run_values(root, grid, f"esr_k{grid.k}", 0))
     def diagnosed(arm: str, prefixes: tuple[int, ...]) -> dict:
         """diagnose() against the seed-0 student of an arm, reused when it already ran on that student."""
         out, after = diag_dir / arm, str(root / "runs" / (f"esr_k{grid.k}" if arm == "esr" else arm) / "seed0" / "final")
@@ -334,9 +338,3 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
     if not found:
         raise UserError("the lab measured nothing: see the runs' logs under " + str(root / "runs"))
     return {"rows": rows, "claims": found, "models": models}
-
-
-def plan_values(root: Path, grid: Grid, arm: str) -> dict:
-    extra = dict(arms(grid))[arm]
-    return lab.lab_config(root, **{"steps": grid.steps, "eval_prompts": grid.eval_problems, **grid.overrides, **extra,
-                                   "seed": 0, "run_dir": str(root / "runs" / arm / "seed0")})
