@@ -97,7 +97,7 @@ def table(results: dict[str, dict]) -> str:
     rows = [("rollout s", "rollout_s"), ("teacher s", "teacher_s"), ("train s", "train_s"), ("engine sync s", "sync_s"),
             ("step s", "step_s"), ("response tokens", "tokens"), ("generated tokens per s", "tokens_per_s"),
             ("mean response length", "len_mean"), ("decode steps run by generate", "decode_steps"),
-            ("prompt tokens", "prompt_tokens"), ("rollouts ended with EOS", "eos_frac"), ("peak memory (RSS on CPU) MB", "peak_mb")]
+            ("prompt tokens", "prompt_tokens"), ("rollouts ended with EOS", "eos_frac"), ("peak memory MB (CUDA: allocated; CPU: resident)", "peak_mb")]
     for label, key in rows:
         values = [results[n][key] for n in names]
         ratio = f"{values[-1] / values[0]:.1f}x" if len(values) == 2 and values[0] else ""

@@ -94,8 +94,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
-    import datasets
-
     path = Path(spec).expanduser()
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
@@ -104,6 +102,8 @@ def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
             raise DataError(f"data file {path} is empty")
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
+    import datasets  # only here: a JSON Lines file needs no datasets
+
     try:
         if path.suffix in FILE_FORMATS:
             data = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train", **options)
