@@ -53,14 +53,18 @@ def make_model(vocab_size: int, seed: int, layers: int = 2, hidden: int = 32, vo
     return model.eval()
 
 
-def save_pair(path, seed: int, **kw):
-    tok = make_tokenizer()
-    model = make_model(len(tok), seed, **kw)
+def save_model(path, model, tok) -> str:
+    """Save a model with its tokenizer as a loadable directory (generation ids set from the tokenizer)."""
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def save_pair(path, seed: int, **kw):
+    tok = make_tokenizer()
+    return save_model(path, make_model(len(tok), seed, **kw), tok)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from esrdistill.config import Config, ConfigError, load_config, make_config, save_config
+from esrdistill.config import Config, ConfigError, load_config, make_config, parse_overrides, save_config
 
 
 def test_defaults_follow_the_paper():
@@ -96,3 +96,10 @@ def test_rollout_tokens_takes_auto_and_the_schedule_is_checked():
         load_config(None, ["rollout_tokens=20", "rollout_tokens_schedule=progressive", "rollout_tokens_start=50"])
     with pytest.raises(ConfigError, match="progressive needs rollout_tokens"):
         load_config(None, ["rollout_tokens=null", "rollout_tokens_schedule=progressive"])
+
+
+def test_answer_extract_none_is_a_choice_not_a_null():
+    assert load_config(None, {"answer_extract": "none"}).answer_extract == "none"
+    assert load_config(None, parse_overrides(["answer_extract=none"])).answer_extract == "none"
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        load_config(None, {"loss": "none"})

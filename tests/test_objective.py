@@ -1,6 +1,8 @@
 """The chunked loss equals the whole one: loss and gradients, for every loss, both normalisations and
 a cross-tokenizer teacher; and a training run with loss_chunk gives the same losses and weights."""
 
+import math
+
 import pytest
 import torch
 from contextlib import nullcontext
@@ -102,3 +104,28 @@ def test_a_model_whose_logits_cannot_be_rebuilt_is_refused():
     model.config.logit_scale = 0.5  # a post-head step this model's forward does not actually do
     with pytest.raises(UserError, match="loss_chunk: the student's logits cannot be rebuilt"):
         rollout.check_hidden_path(model, "student")
+
+
+def test_divergence_metrics_equal_a_position_by_position_reference():
+    from esrdistill.teacher import divergence_metrics
+
+    torch.manual_seed(0)
+    student = torch.log_softmax(torch.randn(3, 5, 7) * 3, -1)
+    teacher = torch.log_softmax(torch.randn(3, 5, 7) * 3, -1)
+    teacher[0, 1] = torch.log_softmax(torch.tensor([9.0, 0, 0, 0, 0, 0, 0]), -1)  # sure of token 0 ...
+    student[0, 1] = torch.log_softmax(torch.tensor([-9.0, 0, 0, 0, 0, 0, 0]), -1)  # ... which the student all but excludes
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    got = divergence_metrics(student, teacher, mask)
+    for b in range(3):
+        for t in range(5):
+            if not mask[b, t]:
+                assert all(float(v[b, t]) == 0.0 for v in got.values())
+                continue
+            p, q = student[b, t].exp().tolist(), teacher[b, t].exp().tolist()
+            top = max(range(7), key=lambda v: q[v])
+            assert abs(float(got["kl/reverse"][b, t]) - sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in range(7))) < 1e-5
+            assert float(got["agree/top1"][b, t]) == float(max(range(7), key=lambda v: p[v]) == top)
+            assert abs(float(got["agree/teacher_top1_prob"][b, t]) - p[top]) < 1e-6
+            assert float(got["agree/teacher_top1_missed"][b, t]) == float(q[top] >= 0.5 and p[top] < 0.01)
+    assert float(got["agree/teacher_top1_missed"][0, 1]) == 1.0

@@ -53,6 +53,7 @@ def test_quickstart_smoke_with_tiny_budgets(model_cache, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "[4/4]" in out and "| student after ESR, K=4 |" in out and "| rollout |" in out
+    assert "Distillation did not teach the student here" in out and "steps=2 (the quickstart's: 30)" in out
     report = json.loads((run / "quickstart.json").read_text())
     assert report["eval_problems"] == 3
     assert {"teacher_before", "student_before", "student_after"} <= set(report)

@@ -5,7 +5,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_overrides, train_interrupted_then_resumed
+from conftest import make_tokenizer, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import cli, tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
@@ -390,3 +390,39 @@ def test_token_selection_needs_full_rollouts():
 
     with pytest.raises(ConfigError, match="token_select=top_reverse_kl picks tokens of full rollouts: set rollout_tokens=null"):
         make_config({"token_select": "top_reverse_kl", "rollout_tokens": 50})
+
+
+def test_a_student_stuck_away_from_the_teachers_choice_is_warned_about_once():
+    from esrdistill.train import _warnings
+
+    cfg = make_config({})
+    warned: set = set()
+    stuck = [0.05] * 9
+    assert _warnings(cfg, 9, {}, stuck, warned) == []  # too early to say
+    said = _warnings(cfg, 10, {}, stuck + [0.05], warned)
+    assert len(said) == 1 and "agree/teacher_top1_missed" in said[0] and "loss=forward_kl" in said[0]
+    assert _warnings(cfg, 11, {}, stuck + [0.05, 0.05], warned) == []  # once
+    assert _warnings(cfg, 10, {}, [0.2] * 5 + [0.05] * 5, set()) == []  # falling: it is learning
+    assert _warnings(cfg, 10, {}, [0.01] * 10, set()) == []  # rare
+    assert _warnings(make_config({"loss": "forward_kl"}), 10, {}, [0.05] * 10, set()) == []
+
+
+def test_shuffle_prompts_false_trains_on_the_files_prompts_in_order(tiny_dirs, tmp_path, monkeypatch):
+    from esrdistill import engine_hf
+
+    student, teacher = tiny_dirs
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(6)))
+    seen = []
+    original = engine_hf.HFEngine.sample
+
+    def record(self, prompts, sampling, seeds=None):
+        tok = make_tokenizer()
+        seen.append([tok.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts])
+        return original(self, prompts, sampling, seeds)
+
+    monkeypatch.setattr(engine_hf.HFEngine, "sample", record)
+    values = tiny_overrides(student, teacher, tmp_path / "run", dataset=str(data), num_prompts=None, eval_prompts=0,
+                            grader="exact", shuffle_prompts=False, steps=3, batch_size=4, micro_batch_size=4)
+    train(make_config(values))
+    assert seen == [["q0", "q1", "q2", "q3"], ["q4", "q5", "q0", "q1"], ["q2", "q3", "q4", "q5"]]

@@ -4,9 +4,13 @@ its own process (so that its peak memory is its own), side by side.
 Jobs (`--job`):
 - esr-vs-full (default): ESR (K=32) against a full rollout (up to 256 tokens) on the packaged SmolLM2,
   gsm_symbolic prompts with a step-by-step system prompt, batch 8, LoRA r=16.
-- equal-work: the packaged SmolLM2-135M as the teacher and a 57M student made of its layers
-  0,4,8,12,16,20,24,29 (built once), batch 4, full fine-tuning, fp32, every rollout forced to N = 32,
-  128 and 256 tokens: the same work whatever the engine or the tool.
+- equal-work: the job TRL 1.16.0 was measured on, side by side. The packaged SmolLM2-135M as the
+  teacher and a 57M student made of its layers 0,4,8,12,16,20,24,29 (built once); reasoning-gym
+  basic_arithmetic with its default options (`create_dataset("basic_arithmetic", size=64, seed=1)`),
+  its prompts in the generator's order, each one user message through SmolLM2's chat template with
+  its default system message (about 49 prompt tokens); batch 4, one rollout per prompt at
+  temperature 0.7 and top_p 1.0, every rollout forced to N = 32, 128 and 256 tokens; full fine-tuning
+  in fp32, AdamW at lr 1e-6, gradients clipped at 1.0: the same work whatever the engine or the tool.
 `--engine hf|vllm|both` picks the rollout engine(s); `--force-length` suppresses EOS so that every
 rollout has exactly its length limit (config key `min_new_tokens`).
 """
@@ -43,7 +47,30 @@ BENCH_DEFAULTS = {
     "progress": False,
 }
 EQUAL_WORK_LAYERS = (0, 4, 8, 12, 16, 20, 24, 29)
-EQUAL_WORK_DEFAULTS = {**BENCH_DEFAULTS, "batch_size": 4, "micro_batch_size": 4, "lora_r": 0, "lr": 1e-5, "dtype": "float32"}
+# The job TRL 1.16.0 was measured on (README: Benchmark), so that the comparison compares the same work.
+EQUAL_WORK_DEFAULTS = {
+    "student": "packaged:smollm2-135m-instruct",  # cut down to EQUAL_WORK_LAYERS by bench()
+    "teacher": "packaged:smollm2-135m-instruct",
+    "dataset": "reasoning_gym:basic_arithmetic",  # its default options
+    "data_seed": 1,  # the generator's seed: create_dataset("basic_arithmetic", size=64, seed=1)
+    "num_prompts": 64,
+    "eval_prompts": 0,
+    "shuffle_prompts": False,  # rows 0-3 at the first step, 4-7 at the second, ...
+    "system_prompt": None,  # SmolLM2's template adds its default system message: about 49 prompt tokens
+    "batch_size": 4,
+    "micro_batch_size": 4,
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "lora_r": 0,
+    "lr": 1e-6,
+    "max_grad_norm": 1.0,
+    "dtype": "float32",
+    "steps": 4,
+    "eval_every": 0,
+    "save_every": 0,
+    "seed": 0,
+    "progress": False,
+}
 JOBS = {
     "esr-vs-full": (BENCH_DEFAULTS, {"esr_k32": {"rollout_tokens": 32}, "full_256": {"rollout_tokens": None, "max_new_tokens": 256}}),
     "equal-work": (EQUAL_WORK_DEFAULTS, {f"n{n}": {"rollout_tokens": n, "min_new_tokens": n} for n in (32, 128, 256)}),

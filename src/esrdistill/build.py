@@ -56,6 +56,7 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         options=cfg.dataset_options,
         split=cfg.dataset_split,
         need_train=need_train,
+        shuffle=cfg.shuffle_prompts,
     )
 
 

@@ -51,6 +51,7 @@ class Config:
     answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot)
     num_prompts: Optional[int] = 1000  # training prompts to use; null = every remaining row
     eval_prompts: int = 64  # held-out problems for evaluation (taken before the training prompts)
+    shuffle_prompts: bool = True  # false: prompts in the file's / generator's order, epoch after epoch
     prompt_template: str = "{prompt}"  # user message; "{prompt}" is replaced by the row's prompt
     system_prompt: Optional[str] = None  # student's system message; null = the chat template's default
     teacher_system_prompt: Optional[str] = None  # teacher's system message; null = system_prompt
@@ -138,7 +139,8 @@ def _coerce(key: str, value: Any) -> Any:
     hint = _HINTS[key]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+    spelled_null = isinstance(value, str) and value.strip().lower() in ("null", "none", "~")
+    if value is None or (spelled_null and (optional or base is not str)):
         if optional:
             return None
         raise ConfigError(f"{key} cannot be null")

@@ -2,7 +2,9 @@
 
 A task is split once, deterministically from the seed, into few-shot examples (shown to the teacher
 only), evaluation problems, and training prompts, in that order, so the evaluation set does not
-depend on how many training prompts a run asks for.
+depend on how many training prompts a run asks for. The rows of a file or a datasets name are
+shuffled from the seed first (shuffle=False keeps the file's order); a generator's rows are used in
+the order it makes them.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def load_task(
     options: dict | None = None,
     split: str = "train",
     need_train: bool = True,
+    shuffle: bool = True,
 ) -> Task:
     """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name.
 
@@ -155,7 +158,8 @@ def load_task(
             f"answer_field '{answer_field}' is not in dataset '{dataset}' (needed for eval_prompts/teacher_fewshot); "
             f"its fields are: {', '.join(fields)}"
         )
-    random.Random(seed).shuffle(raw)
+    if shuffle:
+        random.Random(seed).shuffle(raw)
     rows = []
     for row in raw:
         prompt = row.get(prompt_field)

@@ -9,18 +9,19 @@ from __future__ import annotations
 import random
 
 
-def batch_indices(step: int, batch_size: int, num_prompts: int, seed: int) -> list[int]:
+def batch_indices(step: int, batch_size: int, num_prompts: int, seed: int, shuffle: bool = True) -> list[int]:
     """Prompt indices of optimizer step `step` (0-based).
 
-    The prompts are visited epoch by epoch, each epoch in its own seeded permutation; a batch that
-    straddles two epochs takes the end of one and the start of the next.
+    The prompts are visited epoch by epoch, each epoch in its own seeded permutation (shuffle=False:
+    in their own order, 0..num_prompts-1 every epoch); a batch that straddles two epochs takes the
+    end of one and the start of the next.
     """
     if num_prompts <= 0:
         raise ValueError("no training prompts")
     out = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_prompts)
-        out.append(_permutation(num_prompts, seed, epoch)[offset])
+        out.append(_permutation(num_prompts, seed, epoch)[offset] if shuffle else offset)
     return out
 
 

@@ -26,6 +26,9 @@ VARIANTS = {
     "default": (DEFAULT_CONFIG, [("esr", {})]),
     "cross": (CROSS_CONFIG, [("esr", {}), ("full", {"rollout_tokens": None})]),
 }
+# The distilled student must gain this much accuracy for the quickstart to call it taught (CI checks
+# quickstart.json against it: scripts/check_quickstart.py).
+MIN_GAIN = 0.4
 XTOK_KEYS = ("xtok/aligned_frac", "xtok/student_mapped_mass", "xtok/teacher_mapped_mass", "xtok/vocab_mapped")
 
 
@@ -112,12 +115,19 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
                   *[f"| {key} | " + " | ".join(f"{alignment[arm][key]:.1%}" for arm in arm_cfgs) + " |" for key in XTOK_KEYS]]
     report_text = "\n".join(lines)
     say("\n" + report_text)
+    default = load_config(str(config_path), {})
+    small = [f"{key}={getattr(cfg, key)} (the quickstart's: {getattr(default, key)})"
+             for key in ("steps", "batch_size", "eval_prompts") if getattr(cfg, key) < getattr(default, key)]
     for arm, arm_cfg in arm_cfgs.items():
-        verdict = "rose" if after[arm].accuracy > student_before.accuracy else "did not rise"
-        say(f"\nThe {_arm_title(arm, arm_cfg)} {verdict}: {student_before.accuracy:.1%} -> {after[arm].accuracy:.1%} "
-            f"(the teacher: {teacher_before.accuracy:.1%}).")
-    if not any(after[arm].accuracy > student_before.accuracy for arm in after):
-        say("With a tiny budget (few steps or problems) that is expected.")
+        gain = after[arm].accuracy - student_before.accuracy
+        say(f"\nThe {_arm_title(arm, arm_cfg)}: {student_before.accuracy:.1%} -> {after[arm].accuracy:.1%} "
+            f"({gain * 100:+.1f} points; the teacher: {teacher_before.accuracy:.1%}).")
+        if gain < MIN_GAIN:
+            say(f"Distillation did not teach the student here: its accuracy rose by less than {MIN_GAIN * 100:.0f} points"
+                + (f". The budget is smaller than the quickstart's ({', '.join(small)}), which may be why."
+                   if small else
+                   f". At the quickstart's own budget this is a failure: per-step figures are in {arm_cfg.run_dir}/metrics.jsonl, "
+                   "and the README's 'When the student does not learn' says what to look at."))
     say(f"Run directory: {run_dir} (config.yaml, metrics.jsonl, final/, quickstart.json, report.md)")
 
     report = {

@@ -12,6 +12,7 @@ whatever the teacher is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,8 @@ def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, m
         if reverse_kl is None:
             reverse_kl = losses.reverse_kl(student_logp, teacher_logp, mask)
         student_logp = student_logp.detach()
+        teacher_top1 = teacher_logp.max(-1)  # (b, T) values and indices
+        top1_prob = student_logp.gather(-1, teacher_top1.indices.unsqueeze(-1)).squeeze(-1).exp()
         entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
         return {
             "kl/reverse": reverse_kl.detach(),
@@ -125,6 +128,12 @@ def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, m
             "teacher/entropy": torch.where(counted, entropy, 0.0),
             "student/entropy": torch.where(counted, -(student_logp.exp() * student_logp).sum(-1), 0.0),
             "agree/top1": ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & counted).float(),
+            # The student's probability of the teacher's top-1 token, and where the teacher is sure
+            # (>= 50%) of a token the student gives < 1%: there the reverse KL's gradient pulls toward
+            # the teacher's choice in proportion to that tiny probability (d KL / d z_v = p_v (r_v - KL)),
+            # so reverse KL alone barely moves the student (README: When the student does not learn).
+            "agree/teacher_top1_prob": torch.where(counted, top1_prob, 0.0),
+            "agree/teacher_top1_missed": ((teacher_top1.values >= math.log(0.5)) & (top1_prob < 0.01) & counted).float(),
         }
 
 

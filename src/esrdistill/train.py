@@ -219,7 +219,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
-    last_saved, skipped_in_row, warned = start_step, 0, set()
+    last_saved, skipped_in_row, warned, missed = start_step, 0, set(), []
     with _InterruptFlag(several_processes=procs > 1) as interrupt:
         for step in range(start_step, cfg.steps):
             timer = PhaseTimer()
@@ -227,7 +227,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             reset_peak_memory(device)
             set_seed(order.step_seed(cfg.seed, step, accelerator.process_index))
             positions = range(accelerator.process_index, cfg.batch_size, procs)  # this process's share of the batch
-            rows = [order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed)[j] for j in positions]
+            rows = [order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed, cfg.shuffle_prompts)[j] for j in positions]
             student_prompts = [train_set.student_ids[i] for i in rows]
 
             # ---- 1. rollout: the student samples its own responses --------------------------------
@@ -297,12 +297,9 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             metrics = _step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
             metrics.update({"rollout/k": k, "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
                             "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
-            for side in ("student", "teacher"):
-                mass = metrics.get(f"xtok/{side}_mapped_mass")
-                if mass is not None and mass < cfg.xtok_min_mapped_mass and side not in warned:
-                    warned.add(side)
-                    say(f"Warning: at step {done} the {side} puts only {mass:.1%} of its probability on tokens the other "
-                        f"vocabulary shares (xtok/{side}_mapped_mass); the loss sees only that part")
+            missed.append(metrics.get("agree/teacher_top1_missed", 0.0))
+            for warning in _warnings(cfg, done, metrics, missed, warned):
+                say(warning)
             new_best = False
             if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
                 with timer("eval"):
@@ -365,6 +362,33 @@ def train(cfg: Config, log=tqdm.write) -> Path:
         log(f"Final student saved to {run_dir / 'final'}")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+# Reverse KL's gradient pulls a student toward the teacher's choice in proportion to the student's own
+# probability of it: where the teacher is sure of a token the student all but excludes, reverse KL
+# barely moves it (README: When the student does not learn). Warn when such positions stay common.
+STUCK_SHARE, STUCK_STEPS = 0.02, 10
+
+
+def _warnings(cfg: Config, done: int, metrics: dict, missed: list[float], warned: set) -> list[str]:
+    """Warnings about this step's figures, each said once per run. missed: agree/teacher_top1_missed of
+    every step of this process's run so far."""
+    out = []
+    for side in ("student", "teacher"):
+        mass = metrics.get(f"xtok/{side}_mapped_mass")
+        if mass is not None and mass < cfg.xtok_min_mapped_mass and side not in warned:
+            warned.add(side)
+            out.append(f"Warning: at step {done} the {side} puts only {mass:.1%} of its probability on tokens the other "
+                       f"vocabulary shares (xtok/{side}_mapped_mass); the loss sees only that part")
+    if cfg.loss in ("reverse_kl", "sampled") and len(missed) >= STUCK_STEPS and "stuck" not in warned:
+        first, recent = sum(missed[:5]) / 5, sum(missed[-5:]) / 5
+        if recent >= STUCK_SHARE and recent > first / 2:
+            warned.add("stuck")
+            out.append(f"Warning: after {done} steps, at {recent:.1%} of the positions the teacher is sure (>= 50%) of a token "
+                       f"the student gives < 1% (agree/teacher_top1_missed; {first:.1%} in the first 5 steps). loss={cfg.loss} "
+                       "pulls the student toward such a token only in proportion to that tiny probability, so it may never "
+                       "learn it; loss=forward_kl pulls in proportion to the teacher's (README: When the student does not learn)")
+    return out
 
 
 def _step_metrics(totals: dict[str, float], counted: float, batch_size: int, constant: dict[str, float]) -> dict:
