@@ -3,8 +3,8 @@ enough over the student before.
 
     python scripts/check_quickstart.py [RUN_DIR] [--min-after 0.6] [--min-gain 0.4]
 
-RUN_DIR defaults to the newest runs/quickstart-* directory. Exit status 0 when every distilled arm
-passes, 1 (with the figures) when one does not.
+RUN_DIR defaults to the newest runs/quickstart-* directory. Exit status 0 when the distilled student
+passes, 1 (with the figures) when it does not.
 """
 
 from __future__ import annotations
@@ -31,14 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = found[-1].parent
     report = json.loads((run_dir / "quickstart.json").read_text())
     before = report["student_before"]["accuracy"]
-    arms = {key: value["accuracy"] for key, value in report.items() if key.startswith("student_after")}
-    failed = False
-    for arm, after in arms.items():
-        ok = after >= args.min_after and after - before >= args.min_gain
-        failed |= not ok
-        print(f"{run_dir.name} {arm}: {before:.1%} -> {after:.1%} (teacher {report['teacher_before']['accuracy']:.1%}): "
-              + ("taught" if ok else f"FAILED (needs >= {args.min_after:.0%} and a gain >= {args.min_gain * 100:.0f} points)"))
-    return 1 if failed or not arms else 0
+    after = report["student_after"]["accuracy"]
+    ok = after >= args.min_after and after - before >= args.min_gain
+    print(f"{run_dir.name}: student {before:.1%} -> {after:.1%} (teacher {report['teacher_before']['accuracy']:.1%}): "
+          + ("taught" if ok else f"FAILED (needs >= {args.min_after:.0%} and a gain >= {args.min_gain * 100:.0f} points)"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

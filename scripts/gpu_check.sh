@@ -23,7 +23,8 @@
 #                             pycosat (C) with a Python 3.12 (PY312=..., default python3.12 or pyenv's 3.12)
 #       .gpucheck/tokenizer/  SmolLM2-135M-Instruct's tokenizer files, from the converted packaged model
 #                             (~/.cache/esrdistill/models/smollm2-135m-instruct; `esrdistill quickstart` makes it)
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 400: the deadline of the whole check).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 460: the deadline of the whole check; give the device call timeout_s 540).
+# On an H100 (commit 607e04e) the full arm took 131 s per step: with 400 s it logged one step, not two.
 set -uo pipefail
 
 MODE="${1:-gpu}"
@@ -79,7 +80,7 @@ if [ -z "${OUT:-}" ]; then
     if [ -n "$DRY" ]; then OUT="$(mktemp -d -t gpucheck-out-XXXXXX)"; else echo "gpu_check: set OUT" >&2; exit 2; fi
 fi
 mkdir -p "$OUT"
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-400}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-460}))
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 FAILED=0
 : > "$OUT/summary.txt"

@@ -242,8 +242,8 @@ def lab_config(out: Path, **extra) -> dict:
         dataset=str(out / "data" / "problems.jsonl"), num_prompts=None, eval_prompts=128,
         grader="exact", answer_extract="boxed_last", system_prompt=None,
         max_new_tokens=160, rollout_tokens=32, select_tokens=32, temperature=1.0, top_p=1.0,
-        lora_r=0, lr=3e-4, warmup_ratio=0.1, batch_size=16, micro_batch_size=16, steps=100,
-        eval_every=25, eval_batch_size=64, save_every=25, keep_checkpoints=1, device="cpu", dtype="float32",
+        lora_r=0, lr=3e-4, warmup_ratio=0.1, batch_size=32, micro_batch_size=16, steps=300,
+        eval_every=50, eval_batch_size=64, save_every=50, keep_checkpoints=1, device="cpu", dtype="float32",
         progress=False,
     )
     values.update(extra)

@@ -29,7 +29,7 @@ class Grid:
     rules: tuple[str, ...] = PLACE_RULES + SCORE_RULES  # selection arms (full rollouts, k tokens each)
     progressive: bool = True
     seeds: int = 3
-    steps: int = 100
+    steps: int = 300
     eval_problems: int = 128
     diagnose_problems: int = 64
     overrides: dict = field(default_factory=dict)
@@ -68,6 +68,10 @@ def plan(root: Path, grid: Grid) -> list[sweep.Run]:
 
 
 # ---------------------------------------------------------------- claims
+
+def _batch_size(grid: Grid) -> int:
+    return {**lab.lab_config(Path(".")), **grid.overrides}["batch_size"]
+
 
 def _row(rows: list[dict], arm: str) -> dict | None:
     return next((r for r in rows if r["combo"]["arm"] == arm), None)
@@ -248,7 +252,7 @@ def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, foun
     lines = [
         "# esrdistill lab repro", "",
         f"`{command}`: {len(rows)} arms x {grid.seeds} seeds, {grid.steps} steps of "
-        f"{grid.overrides.get('batch_size', 16)} prompts each; the grid ran in {seconds / 60:.0f} min of wall-clock time on "
+        f"{_batch_size(grid)} prompts each; the grid ran in {seconds / 60:.0f} min of wall-clock time on "
         "this machine (2 CPU cores, 2 runs at a time; models and diagnostics not included).", "",
         "## The lab", "",
         f"Task: a two-term recurrence modulo 10 (r = x op y, then (x, y) = (y, r); op in '{models['task']['ops']}'), "
@@ -273,7 +277,7 @@ def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, foun
               "- Models of 0.45M parameters trained from scratch on one synthetic task of 1,200 distinct problems (the "
               "models see most of them in training), not 1.5-14B chat models on open-ended math; full fine-tuning, fp32, on a CPU.",
               "- Temperature 1 and no nucleus cut for rollouts (the paper: 0.7 and 0.95); greedy evaluation.",
-              f"- {grid.steps} steps of {grid.overrides.get('batch_size', 16)} prompts (the paper: 200 of 16), "
+              f"- {grid.steps} steps of {_batch_size(grid)} prompts (the paper: 200 of 16), "
               f"K={grid.k} of about {t['len_mean']:.0f} tokens (the paper: 100 of up to 3,584).",
               "- A mistake at one step of this task carries into every later line, so late positions depend on early "
               "ones more strictly than in free-form reasoning.", ""]
