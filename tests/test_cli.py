@@ -110,3 +110,12 @@ def test_equal_work_student_is_the_chosen_layers_of_the_teacher(tiny_dirs, tmp_p
     assert torch.equal(a["lm_head.weight"], b["lm_head.weight"])
     ids = torch.tensor([[3, 40, 41, 42]])
     assert subset.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)  # its KV cache works
+
+
+@pytest.mark.parametrize("command", [["lab", "repro", "--quick"], ["lab", "models", "--quick"], ["sweep", "--grid", "lr=0.1"]])
+def test_an_out_directory_that_cannot_be_written_is_a_clear_error(tmp_path, capsys, command):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli.main([*command, "--out", str(blocker / "lab")]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'lab'}: cannot write there" in err and "Traceback" not in err

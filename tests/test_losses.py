@@ -251,3 +251,23 @@ def test_non_finite_junk_at_masked_positions_reaches_neither_loss_nor_gradient(n
     s_junk = s.clone()
     s_junk[mask == 0] = junk
     assert torch.equal(losses.per_token_loss(name, s_junk, t, tokens, mask), losses.per_token_loss(name, s, t, tokens, mask))
+
+
+def test_nan_student_log_probs_under_top_p_give_a_nan_loss_not_an_index_error():
+    """The sampled loss with top_p < 1 finds each row's nucleus; a NaN row (a diverging student) has
+    none. It must give a NaN loss where it counts (train then skips the step, as for the other losses)
+    and nothing where it is masked, and leave the other rows' nucleus as it was."""
+    s, t, tokens, mask = random_case(5)
+    counted, masked = (mask == 1).nonzero()[0].tolist(), (mask == 0).nonzero()[0].tolist()
+    s_nan = s.clone()
+    s_nan[tuple(counted)] = float("nan")
+    s_nan[tuple(masked)] = float("nan")
+    nucleus = losses.sampling_logp(s_nan, 0.7, 0.9)
+    assert torch.isnan(nucleus[tuple(counted)]).all()
+    others = torch.ones(mask.shape, dtype=torch.bool)
+    others[tuple(counted)] = others[tuple(masked)] = False
+    assert torch.equal(nucleus[others], losses.sampling_logp(s, 0.7, 0.9)[others])
+    per_token = losses.per_token_loss("sampled", s_nan, t, tokens, mask, temperature=0.7, top_p=0.9)
+    assert math.isnan(per_token[tuple(counted)].item()) and per_token[tuple(masked)].item() == 0.0
+    clean = losses.per_token_loss("sampled", s, t, tokens, mask, temperature=0.7, top_p=0.9)
+    assert torch.equal(per_token[others], clean[others])

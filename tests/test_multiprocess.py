@@ -130,3 +130,32 @@ def test_a_user_error_on_one_process_stops_both_with_one_message(tiny_dirs, tmp_
     # torch's launcher reports the failed child in its own words (ChildFailedError); nothing comes from
     # our processes but the message: no frame of esrdistill, no gloo connection error
     assert "esrdistill/" not in result.stderr and "gloo" not in result.stderr.lower(), result.stderr[-3000:]
+
+
+def test_a_config_error_under_the_launcher_says_that_its_traceback_is_the_launchers(tiny_dirs, tmp_path):
+    student, teacher = tiny_dirs
+    result = launch_two(tiny_overrides(student, teacher, tmp_path / "run", steps=1, batch_size=3), timeout=120)
+    assert result.returncode != 0
+    err = result.stderr
+    assert err.count("batch_size=3 must be a multiple of the 2 processes") == 1, err[-3000:]
+    note = err.index("ChildFailedError traceback of its own: the error is the message above")
+    assert note < err.index("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+
+
+def test_a_new_best_evaluation_between_regular_saves_is_saved_by_every_process(tiny_dirs, tmp_path):
+    """eval_every=1, save_every=3: the first evaluation is a new best at step 1, saved off the regular
+    schedule; the first process alone knew it, waited for the others at the save, and the run hung."""
+    student, teacher = tiny_dirs
+    run = tmp_path / "run"
+    job = launch_two(tiny_overrides(student, teacher, run, steps=3, eval_every=1, save_every=3, temperature=1e-4), wait=False)
+    try:
+        _, stderr = job.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        for rank in (0, 1):  # the launcher starts each worker in a session of its own
+            os.kill(_worker_pid(run, rank, timeout=5), signal.SIGKILL)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the two processes hung")
+    assert job.returncode == 0, stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001", "step_0000003"]
+    assert [m["eval/best_step"] for m in tracking.read_metrics(run)] == [1, 1, 1]

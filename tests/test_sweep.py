@@ -86,3 +86,12 @@ def test_a_dataset_option_seed_is_the_data_seed():
     a = load_task("reasoning_gym:chain_sum", num_prompts=5, eval_prompts=2, seed=0, options={"seed": 9})
     b = load_task("reasoning_gym:chain_sum", num_prompts=5, eval_prompts=2, seed=9)
     assert [p.prompt for p in a.train] == [p.prompt for p in b.train]
+
+
+def test_a_missing_or_broken_grid_file_is_a_config_error(tmp_path, capsys):
+    assert cli.main(["sweep", "--grid-file", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
+    assert f"--grid-file {tmp_path / 'missing.yaml'} does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [0.1, 0.2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        sweep.parse_grid([], str(broken))

@@ -426,3 +426,64 @@ def test_shuffle_prompts_false_trains_on_the_files_prompts_in_order(tiny_dirs, t
                             grader="exact", shuffle_prompts=False, steps=3, batch_size=4, micro_batch_size=4)
     train(make_config(values))
     assert seen == [["q0", "q1", "q2", "q3"], ["q4", "q5", "q0", "q1"], ["q2", "q3", "q4", "q5"]]
+
+
+def test_a_low_share_of_aligned_positions_is_warned_about_once():
+    from esrdistill.train import _warnings
+
+    cfg, warned = make_config({}), set()
+    assert _warnings(cfg, 1, {"xtok/aligned_frac": 0.62}, [], warned) == []
+    said = _warnings(cfg, 2, {"xtok/aligned_frac": 0.11}, [], warned)
+    assert len(said) == 1 and "11.0%" in said[0] and "xtok/aligned_frac" in said[0]
+    assert _warnings(cfg, 3, {"xtok/aligned_frac": 0.11}, [], warned) == []  # once
+
+
+def test_nan_student_logits_under_sampled_top_p_skip_the_step(tiny_dirs, tmp_path, monkeypatch):
+    """loss=sampled with top_p < 1 finds a nucleus in the student's log-probs; NaN there (at counted and
+    masked positions alike) skips the step as it does for the other losses, instead of an IndexError."""
+    from esrdistill import engine_hf, objective
+
+    student, teacher = tiny_dirs
+    state, real_sample, real_log_probs = {"step": 0}, engine_hf.HFEngine.sample, objective.log_probs
+
+    def sample(*args, **kwargs):
+        state["step"] += 1
+        return real_sample(*args, **kwargs)
+
+    def log_probs(*args, **kwargs):  # the student's log-probs (the teacher's come from teacher.log_probs)
+        out = real_log_probs(*args, **kwargs)
+        return out * float("nan") if state["step"] == 2 else out
+
+    monkeypatch.setattr(engine_hf.HFEngine, "sample", sample)
+    monkeypatch.setattr(objective, "log_probs", log_probs)
+    run = tmp_path / "run"
+    train(make_config(tiny_overrides(student, teacher, run, steps=3, loss="sampled", top_p=0.9, lora_r=0)))
+    assert [m["optim/skipped"] for m in tracking.read_metrics(run)] == [0, 1, 0]
+
+
+def test_final_dtype_float32_keeps_the_master_weights_of_bf16_full_finetuning(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    student, teacher = tiny_dirs
+    run = tmp_path / "run"
+    train(make_config(tiny_overrides(student, teacher, run, steps=1, lora_r=0, lr=5e-6, dtype="bfloat16", save_every=1,
+                                     final_dtype="float32")))
+    master = load_file(str(run / "checkpoints" / "step_0000001" / "model.safetensors"))
+    final = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    assert final.dtype == torch.float32
+    state = final.state_dict()
+    assert all(torch.equal(state[k], master[k]) for k in master)
+
+
+def test_per_position_metrics_average_over_every_counted_position_selected_or_not(tiny_dirs, tmp_path):
+    """With token selection, kl/reverse is the mean over all the counted positions (what _step_metrics
+    says), not over the ones that carry the loss: the selected and unselected means, weighted."""
+    student, teacher = tiny_dirs
+    run = tmp_path / "run"
+    train(make_config(tiny_overrides(student, teacher, run, steps=2, rollout_tokens=None, max_new_tokens=10, min_new_tokens=10,
+                                     token_select="top_reverse_kl", select_tokens=3)))
+    for m in tracking.read_metrics(run):
+        share = m["select/frac_selected"]
+        assert 0 < share < 1
+        mixed = share * m["select/reverse_kl_selected"] + (1 - share) * m["select/reverse_kl_unselected"]
+        assert m["kl/reverse"] == pytest.approx(mixed, rel=1e-5)

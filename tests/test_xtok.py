@@ -1,6 +1,7 @@
 """Cross-tokenizer distillation: token bytes, alignment, vocabulary mapping and losses, each against a
 slow reference, and the permuted-copy identity (runs end to end: test_xtok_runs.py)."""
 
+import functools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import make_model, make_tokenizer
 from esrdistill import losses, xtok
 from esrdistill.teacher import LossSettings, SameTokenizer, log_probs
 from esrdistill.xteacher import CrossTokenizer
-from xtok_tokenizers import permute_model, permuted_copy
+from xtok_tokenizers import permute_model, permuted_copy, sentencepiece_tokenizer
 
 TEXTS = [
     "What is 3 + 4? The answer is 7.",
@@ -46,7 +47,11 @@ def test_markers_read_as_bytes(byte_level, sentencepiece):
 # ---- alignment against a slow reference -------------------------------------------------------------
 
 def naive_alignment(student_ids, s_bytes, s_special, s_eos, teacher_tok, t_bytes, rule):
-    """Obviously correct and slow: compare the text each position conditions on, byte string by byte string."""
+    """Obviously correct and slow: compare the text each position conditions on, byte string by byte string.
+
+    A teacher tokenizer with a dummy prefix spells `added + text`: the added bytes are no text of the
+    student's, so they are cut from the teacher's contexts, and position 0, which predicts the token
+    holding them, is never paired."""
     cut = next((t for t, i in enumerate(student_ids) if i in s_special and i not in s_eos), len(student_ids))
     data = b"".join(s_bytes[i] for i in student_ids[:cut])
     valid = len(data)
@@ -57,8 +62,11 @@ def naive_alignment(student_ids, s_bytes, s_special, s_eos, teacher_tok, t_bytes
         except UnicodeDecodeError:
             valid -= 1
     t_ids = teacher_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    teacher_contexts = [b"".join(t_bytes[i] for i in t_ids[:j]) for j in range(len(t_ids) + 1)]
     valid_text = data[:valid]
+    spelled = b"".join(t_bytes[i] for i in t_ids)
+    added = spelled[: len(spelled) - len(valid_text)] if spelled.endswith(valid_text) else b""
+    first = 1 if added else 0
+    teacher_contexts = [b"".join(t_bytes[i] for i in t_ids[:j])[len(added):] for j in range(len(t_ids) + 1)]
     out = []
     for t, token in enumerate(student_ids):
         if t >= cut:
@@ -69,12 +77,13 @@ def naive_alignment(student_ids, s_bytes, s_special, s_eos, teacher_tok, t_bytes
         if not valid_text.startswith(context):
             out.append(-1)
         elif rule == "start" or length == 0:
-            out.append(next((j for j, c in enumerate(teacher_contexts) if c == context and valid_text.startswith(c)), -1))
+            out.append(next((j for j, c in enumerate(teacher_contexts) if j >= first and c == context and valid_text.startswith(c)),
+                            -1))
         else:
             middle = len(context) + (length - 1) // 2
             found = -1
-            for j, tid in enumerate(t_ids):
-                start, end = len(teacher_contexts[j]), len(teacher_contexts[j]) + len(t_bytes[tid])
+            for j in range(first, len(t_ids)):
+                start, end = len(teacher_contexts[j]), len(teacher_contexts[j + 1])
                 if start <= middle < end and middle < valid:
                     found = j
             out.append(found)
@@ -90,11 +99,22 @@ def _cross(student_tok, teacher_tok, rule="start", loss="matched_kl", model=None
                           LossSettings(), loss, rule)
 
 
+@functools.lru_cache(maxsize=None)
+def dummy_prefix_tokenizer(style: str):
+    """Llama-2 style ("legacy") or Mistral style ("first"), with more merges than the plain one, so that
+    the token holding the added '▁' often holds text too ('▁d')."""
+    return sentencepiece_tokenizer(480, dummy_prefix=style)
+
+
 @pytest.mark.parametrize("rule", ["start", "middle"])
-@pytest.mark.parametrize("direction", ["byte_level->sentencepiece", "sentencepiece->byte_level"])
+@pytest.mark.parametrize("direction", ["byte_level->sentencepiece", "sentencepiece->byte_level", "byte_level->legacy",
+                                       "byte_level->first", "legacy->byte_level"])
 def test_alignment_equals_the_slow_reference_on_every_prefix(byte_level, sentencepiece, rule, direction):
-    """Every prefix of every text (so every cut, mid-character ones included), with and without an EOS."""
-    student_tok, teacher_tok = (byte_level, sentencepiece) if direction.startswith("byte") else (sentencepiece, byte_level)
+    """Every prefix of every text (so every cut, mid-character ones included), with and without an EOS;
+    `legacy` and `first` are SentencePiece tokenizers with a dummy prefix."""
+    named = {"byte_level": byte_level, "sentencepiece": sentencepiece, "legacy": dummy_prefix_tokenizer("legacy"),
+             "first": dummy_prefix_tokenizer("first")}
+    student_tok, teacher_tok = (named[side] for side in direction.split("->"))
     cross = _cross(student_tok, teacher_tok, rule)
     eos = student_tok.eos_token_id
     cases = []
@@ -113,6 +133,38 @@ def test_alignment_equals_the_slow_reference_on_every_prefix(byte_level, sentenc
         data = b"".join(cross.student_bytes[i] for i in ids)
         cut_mid_character += xtok.valid_utf8_length(data) < len(data)
     assert cut_mid_character > 5  # the cases do include responses cut inside a multi-byte character
+
+
+def test_a_dummy_prefix_teacher_aligns_as_many_positions_as_the_same_tokenizer_without_it(byte_level):
+    """Reading the response as ' ' + text, such a teacher once shared no context with the student past
+    position 0 (27 and 9 of these 94 positions aligned, against 86); now it loses at most the one
+    position per row whose teacher token holds the added space and text ('▁d')."""
+    aligned = {}
+    for style in (None, "legacy", "first"):
+        tok = dummy_prefix_tokenizer(style) if style else sentencepiece_tokenizer(480)
+        cross = _cross(byte_level, tok)
+        assert cross.teacher_prefix == (b" " if style else b"")
+        aligned[style], total = 0.0, 0.0
+        for text in TEXTS:
+            ids = byte_level(text, add_special_tokens=False)["input_ids"] + [byte_level.eos_token_id]
+            part, whole = cross.plan([[1]], torch.tensor([ids]), torch.ones(1, len(ids))).ratios["xtok/aligned_frac"]
+            aligned[style], total = aligned[style] + part, total + whole
+    assert total == 94 and aligned[None] > 0.9 * total
+    assert aligned[None] - len(TEXTS) <= aligned["legacy"] <= aligned[None]
+    assert aligned[None] - len(TEXTS) <= aligned["first"] <= aligned[None]
+
+
+def test_the_dummy_space_is_dropped_only_where_the_tokenizer_added_it():
+    assert xtok.drop_dummy_prefix([2, 2], b" abc", b"abc", b" ") == ([1, 2], b"abc", True)  # '▁a' 'bc'
+    assert xtok.drop_dummy_prefix([1, 1, 2], b"  ab", b" ab", b" ") == ([0, 1, 2], b" ab", True)  # Llama-2: '▁' '▁' 'ab'
+    assert xtok.drop_dummy_prefix([1, 2], b" ab", b" ab", b" ") == ([1, 2], b" ab", False)  # Mistral: nothing added
+    assert xtok.drop_dummy_prefix([2], b"ab", b"ab", b"") == ([2], b"ab", False)
+    # student 'ab' 'c' against teacher '▁a' 'bc' read as 'a' 'bc': position 0 predicts '▁a', never a student token
+    assert xtok.align_row([2, 1], [False] * 2, [False] * 2, 3, [1, 2], 3, "start", teacher_first=1) == [-1, -1]
+    assert xtok.align_row([1, 2], [False] * 2, [False] * 2, 3, [1, 2], 3, "start", teacher_first=1) == [-1, 1]
+    # after a lone '▁' (now empty) position 1 has the same empty context and predicts a plain token
+    assert xtok.align_row([1, 2], [False] * 2, [False] * 2, 3, [0, 1, 2], 3, "start", teacher_first=1) == [1, 2]
+    assert xtok.align_row([1, 2], [False] * 2, [False] * 2, 3, [0, 1, 2], 3, "middle", teacher_first=1) == [1, 2]
 
 
 def test_start_rule_pairs_same_contexts_and_masks_the_rest():

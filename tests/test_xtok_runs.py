@@ -113,3 +113,32 @@ def test_quickstart_cross_reports_the_accuracies_and_the_alignment(cross_dirs, t
     assert (run / "final" / "config.json").is_file()
     assert cli.main(["quickstart", "crosss"]) == 2
     assert "unknown quickstart 'crosss'" in capsys.readouterr().err
+
+
+def test_a_dummy_prefix_teacher_aligns_in_training_as_the_same_tokenizer_without_it(tmp_path, byte_level):
+    """The same teacher weights behind a SentencePiece tokenizer without and with a Llama-2 style dummy
+    prefix: the first step's rollouts are the same, and so (give or take the first position of a row)
+    is the share of their positions aligned. Read as ' ' + text, only position 0 of each row aligned
+    (1/12; 0.25 without the prefix on these random rollouts, which soon emit a special token)."""
+    from esrdistill.config import make_config
+    from esrdistill.train import train
+    from xtok_tokenizers import sentencepiece_tokenizer
+
+    dirs = {}
+    for name, tok, seed in (("student", byte_level, 1), ("plain", sentencepiece_tokenizer(480), 2),
+                            ("legacy", sentencepiece_tokenizer(480, dummy_prefix="legacy"), 2)):
+        model = make_model(len(tok), seed)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            setattr(model.config, key, getattr(tok, key))
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    aligned = {}
+    for teacher in ("plain", "legacy"):
+        values = tiny_overrides(dirs["student"], dirs[teacher], tmp_path / f"run-{teacher}", steps=1, batch_size=8,
+                                micro_batch_size=8, rollout_tokens=12, temperature=1.0)
+        train(make_config(values))
+        aligned[teacher] = tracking.read_metrics(tmp_path / f"run-{teacher}")[0]["xtok/aligned_frac"]
+    assert aligned["plain"] > 2 / 12
+    assert aligned["plain"] - 1 / 12 < aligned["legacy"] <= aligned["plain"]

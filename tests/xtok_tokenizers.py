@@ -2,7 +2,8 @@
 
 - a byte-level BPE (GPT-2 / SmolLM / Qwen style: 'Ġ' for a space, every byte a token), with a chat template;
 - a SentencePiece-style BPE with byte fallback (Gemma / Llama-2 style: '▁' for a space, '<0xNN>'
-  tokens for bytes outside its vocabulary), which adds a BOS and has no chat template (a base model).
+  tokens for bytes outside its vocabulary), which adds a BOS and has no chat template (a base model),
+  optionally with a dummy prefix (Llama-2 / Mistral style: a '▁' added before the text).
 
 Their merges differ, so they split the same text differently.
 """
@@ -38,10 +39,11 @@ def byte_level_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def sentencepiece_tokenizer(vocab_size: int = 360):
-    """BPE over '▁'-joined text with byte fallback; merges learnt on the same corpus but a smaller budget."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _sentencepiece_merges(vocab_size: int):
+    """(vocab, merges) of a BPE over '▁'-joined text, learnt on CORPUS."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
@@ -52,15 +54,35 @@ def sentencepiece_tokenizer(vocab_size: int = 360):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, initial_alphabet=alphabet,
                                   show_progress=False, limit_alphabet=len(alphabet))
     plain.train_from_iterator(CORPUS, trainer)
-    trained = plain.to_str()
-    import json
+    spec = json.loads(plain.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    return spec["model"]["vocab"], merges
 
-    spec = json.loads(trained)
-    vocab, merges = spec["model"]["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+
+def sentencepiece_tokenizer(vocab_size: int = 360, dummy_prefix: str | None = None):
+    """BPE over '▁'-joined text with byte fallback; merges learnt on the same corpus but a smaller budget.
+
+    dummy_prefix: None (Gemma style: the text as it is); "first" (Mistral / TinyLlama style: a Metaspace
+    pre-tokenizer with prepend_scheme="first" adds '▁' before a text that does not start with one);
+    "legacy" (Llama-2 style: a Prepend('▁') normaliser adds it to every text). Same vocabulary and
+    merges in every case; the decoder drops the added space again, as Llama-2's does.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _sentencepiece_merges(vocab_size)
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    core.normalizer = normalizers.Replace(" ", "\u2581")
-    core.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if dummy_prefix == "first":
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        steps.append(decoders.Strip(" ", 1, 0))
+    else:
+        replace = normalizers.Replace(" ", "\u2581")
+        core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if dummy_prefix == "legacy" else replace
+        core.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+        if dummy_prefix == "legacy":
+            steps.append(decoders.Strip(" ", 1, 0))
+    core.decoder = decoders.Sequence(steps)
     core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     # the byte tokens are ordinary vocabulary entries (as in Gemma), not special ones
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")

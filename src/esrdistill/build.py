@@ -178,6 +178,25 @@ def eval_engine_kind(cfg: Config) -> str:
     return cfg.rollout_engine if cfg.eval_engine == "auto" else cfg.eval_engine
 
 
+def check_available(cfg: Config) -> None:
+    """Import now what a training run will need later (vLLM for its rollouts or its evaluations,
+    TensorBoard, wandb), so that a missing package stops it before anything is written or trained."""
+    from esrdistill.tracking import check_loggers
+
+    evaluates = cfg.eval_every > 0 and cfg.eval_prompts > 0
+    for key, kind in (("rollout_engine", cfg.rollout_engine), ("eval_engine", eval_engine_kind(cfg) if evaluates else "hf")):
+        if kind == "vllm":
+            from esrdistill.engine_vllm import import_vllm
+
+            import_vllm(f"{key}=vllm")
+    check_loggers(cfg.tensorboard, cfg.wandb)
+
+
+def final_dtype(cfg: Config, pair: Pair) -> torch.dtype:
+    """The dtype final/ is saved in: final_dtype, or (auto) the run's dtype."""
+    return pair.dtype if cfg.final_dtype == "auto" else models.resolve_dtype(cfg.final_dtype, pair.device)
+
+
 def rollout_sampling(cfg: Config, pair: Pair, max_new_tokens: int, side: str = "student") -> rollout.Sampling:
     """How training rollouts (and diagnose's rollouts of either model) are sampled."""
     tokenizer, eos, vocab = ((pair.tokenizer, pair.eos_ids, pair.vocab_size) if side == "student" else

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from esrdistill.config import ConfigError, describe_fields, load_config
 from esrdistill.errors import UserError
+
+# Under `accelerate launch` / torchrun a process that exits with an error makes the launcher print a
+# ChildFailedError traceback of its own after our message; no exit status of ours avoids it but 0.
+LAUNCHER_NOTE = ("\n(torch's launcher reports below that the processes failed, with a ChildFailedError traceback of its "
+                 "own: the error is the message above)")
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -14,6 +21,19 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], items[1:]
     return None, items
+
+
+def _output_dir(path: str) -> str:
+    """`path` created if needed and checked writable: a clear error now, not a traceback later."""
+    target = Path(path).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".esrdistill-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--out {path}: cannot write there ({err.strerror or err})") from None
+    return path
 
 
 def cmd_train(args) -> int:
@@ -88,14 +108,14 @@ def cmd_sweep(args) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else int(args.seeds)
     except ValueError:
         raise ConfigError(f"--seeds takes a number of seeds or a comma-separated list of seeds, got '{args.seeds}'") from None
-    sweep(path, args.grid, seeds, overrides, out=args.out, parallel=args.parallel, grid_file=args.grid_file)
+    sweep(path, args.grid, seeds, overrides, out=_output_dir(args.out), parallel=args.parallel, grid_file=args.grid_file)
     return 0
 
 
 def cmd_lab(args) -> int:
-    out = args.out or ("runs/lab-quick" if args.quick else "runs/lab")
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    out = _output_dir(args.out or ("runs/lab-quick" if args.quick else "runs/lab"))
     if args.what == "models":
         from esrdistill import lab
 
@@ -220,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from esrdistill.ranks import rank
 
-    report = (lambda text: print(text, file=sys.stderr)) if rank() == 0 else (lambda text: None)  # one message, not one per process
+    def report(text: str) -> None:  # one message, not one per process
+        if rank() == 0:
+            print(text + (LAUNCHER_NOTE if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""), file=sys.stderr)
+
     try:
         return args.func(args)
     except ConfigError as err:

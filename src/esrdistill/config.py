@@ -123,6 +123,7 @@ class Config:
     merge_lora: bool = True  # final/ holds the merged model; False = the adapter only
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda; several GPUs: `accelerate launch`
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; full fine-tuning keeps fp32 master weights
+    final_dtype: str = "auto"  # dtype of final/: auto (= dtype) | float32 (keeps updates bf16 full fine-tuning rounds away) | bfloat16 | float16
     tensorboard: bool = False  # also write TensorBoard events to run_dir/tb (`pip install tensorboard`)
     wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
     progress: bool = True  # show progress bars
@@ -268,6 +269,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got '{cfg.device}' (pick GPUs with CUDA_VISIBLE_DEVICES)")
     need(cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    need(cfg.final_dtype in DTYPES, f"final_dtype must be one of {', '.join(DTYPES)}, got '{cfg.final_dtype}'")
     return cfg
 
 

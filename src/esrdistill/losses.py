@@ -64,7 +64,8 @@ def sampling_logp(student_logp: torch.Tensor, temperature: float, top_p: float, 
     the smallest set of most likely tokens whose probability reaches top_p (at least one token; a
     token is dropped when the probability of the tokens less likely than it, itself included, is at
     most 1 - top_p, i.e. when the tokens more likely than it already hold top_p), renormalise.
-    Dropped tokens get -inf.
+    Dropped tokens get -inf. A row of NaN log-probabilities (a diverging student) stays NaN, so that
+    the loss is NaN and the step is skipped, as with the other losses.
 
     The nucleus is looked for among the `top_k_first` most likely tokens first (a top-k instead of
     sorting the whole vocabulary: 49,152 entries sort in 18 ms for 8 rows on this CPU); only rows whose
@@ -78,7 +79,7 @@ def sampling_logp(student_logp: torch.Tensor, temperature: float, top_p: float, 
     top = flat.topk(k, dim=-1).values  # (N, k) descending
     probs = top.exp()
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens strictly more likely
-    kept = (before < top_p).sum(-1)  # nucleus size, >= 1
+    kept = (before < top_p).sum(-1).clamp(min=1)  # nucleus size; a NaN row (no comparison holds) keeps its NaNs
     threshold = top.gather(-1, (kept - 1).unsqueeze(-1))  # log-prob of the least likely kept token
     drop = flat < threshold
     large = kept == k  # the nucleus may reach past the top k: decide by a full sort

@@ -46,7 +46,12 @@ def parse_grid(items: list[str], grid_file: str | None = None) -> dict[str, list
     """["k=a,b", ...] (and/or a YAML file mapping keys to lists) -> {key: [values]} in the given order."""
     grid: dict[str, list[str]] = {}
     if grid_file:
-        loaded = yaml.safe_load(Path(grid_file).read_text()) or {}
+        if not Path(grid_file).is_file():
+            raise ConfigError(f"--grid-file {grid_file} does not exist")
+        try:
+            loaded = yaml.safe_load(Path(grid_file).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--grid-file {grid_file} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(loaded, dict) or not all(isinstance(v, list) and v for v in loaded.values()):
             raise ConfigError(f"{grid_file} must map config keys to non-empty lists of values")
         grid.update({k: ["null" if v is None else str(v) for v in values] for k, values in loaded.items()})

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from esrdistill.errors import UserError
+
 
 class PhaseTimer:
     """Accumulates wall-clock seconds per phase name; CUDA work is synchronised before reading."""
@@ -59,25 +61,44 @@ def _clean(value):
     return value
 
 
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UserError(f"tensorboard=true needs the tensorboard package: `pip install tensorboard`, or set "
+                        f"tensorboard=false ({err})") from None
+    return SummaryWriter
+
+
+def _wandb():
+    try:
+        import wandb
+    except ImportError as err:
+        raise UserError(f"wandb=true needs the wandb package: `pip install wandb`, or set wandb=false ({err})") from None
+    return wandb
+
+
+def check_loggers(tensorboard: bool, wandb: bool) -> None:
+    """Raise a UserError now, before a run starts, when a logger it asks for is not installed."""
+    if tensorboard:
+        _summary_writer()
+    if wandb:
+        _wandb()
+
+
 class MetricsLogger:
     """Appends one JSON line per call to run_dir/metrics.jsonl (flushed at once), and mirrors the
     numbers to TensorBoard and wandb when asked. Neither of those needs a network: wandb runs
-    offline unless WANDB_MODE is set."""
+    offline unless WANDB_MODE is set. They start first: when one fails, metrics.jsonl is not created."""
 
     def __init__(self, run_dir: str | Path, config: dict, tensorboard: bool = False, wandb: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a")
-        self._tb = None
+        self._tb = _summary_writer()(str(Path(run_dir) / "tb")) if tensorboard else None
         self._wandb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
         if wandb:
-            import wandb as wandb_lib
-
             os.environ.setdefault("WANDB_MODE", "offline")
-            self._wandb = wandb_lib.init(project="esrdistill", dir=str(run_dir), config=config)
+            self._wandb = _wandb().init(project="esrdistill", dir=str(run_dir), config=config)
+        self._file = self.path.open("a")
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

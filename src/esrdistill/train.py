@@ -24,11 +24,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, objective, order, ranks, rollout, selection
-from esrdistill.config import Config, ConfigError, save_config, to_dict
+from esrdistill import build, checkpoint, objective, order, ranks, rollout, rundir, selection
+from esrdistill.config import Config, ConfigError
 from esrdistill.errors import UserError
 from esrdistill.evaluate import evaluate
-from esrdistill.tracking import MetricsLogger, PhaseTimer, peak_memory_mb, read_metrics, reset_peak_memory, rewrite_metrics
+from esrdistill.tracking import PhaseTimer, peak_memory_mb, reset_peak_memory
 
 
 class TrainingInterrupted(Exception):
@@ -76,24 +76,6 @@ class TrainingDiverged(UserError):
     """Too many steps in a row had a NaN or inf loss or gradient; the weights on disk are the last finite ones."""
 
 
-def _check_run_dir(cfg: Config, log) -> Path:
-    """Refuse to start over a run unless resuming; warn about settings that changed since it started.
-    Nothing is written here: config.yaml is written once the whole setup has succeeded."""
-    run_dir = Path(cfg.run_dir).expanduser()
-    has_run = (run_dir / "metrics.jsonl").exists() or checkpoint.checkpoints_root(run_dir).exists()
-    if has_run and not cfg.resume:
-        raise FileExistsError(
-            f"run_dir {run_dir} already holds a run: pass resume=true to continue it, or choose another run_dir"
-        )
-    if cfg.resume and (run_dir / "config.yaml").is_file():
-        before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v
-                         and not (k == "rollout_tokens" and v == "auto"))
-        if changed:
-            log(f"Warning: resuming with changed settings: {', '.join(changed)}")
-    return run_dir
-
-
 def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW, fused where the device supports it (135M parameters on this CPU: 0.09-0.12 s per step
     fused against 0.64-0.85 s for the default implementation)."""
@@ -101,15 +83,6 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def _trim_metrics(run_dir: Path, last_step: int, log) -> None:
-    """Drop metric lines of steps after `last_step` (they will be redone), atomically."""
-    rows = read_metrics(run_dir)
-    kept = [m for m in rows if m.get("step", 0) <= last_step]
-    if len(kept) < len(rows):
-        log(f"Dropping the metrics of {len(rows) - len(kept)} steps after step {last_step}, which will be redone")
-        rewrite_metrics(run_dir, kept)
 
 
 @dataclass
@@ -135,9 +108,10 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
             raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
         if cfg.batch_size % procs:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {procs} processes")
-        run_dir = _check_run_dir(cfg, say) if is_main else Path(cfg.run_dir).expanduser()
+        run_dir = rundir.check(cfg, say) if is_main else Path(cfg.run_dir).expanduser()
         task = build.task(cfg)
         grade = build.grader(cfg, task)  # a bad grader fails here, before minutes of model loading
+        build.check_available(cfg)  # so do a missing vLLM, TensorBoard or wandb, before anything is written
         if is_main:  # the first process converts packaged models, once
             build.prepare_models(cfg)
     accelerator.wait_for_everyone()
@@ -196,30 +170,16 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     student, optimizer = accelerator.prepare(pair.student, optimizer)
     plain_student = accelerator.unwrap_model(student)  # for generate, saving and evaluation
-    start_step = 0
-    with ranks.fail_together(accelerator):
-        if cfg.resume and (found := checkpoint.latest(run_dir)) is not None:
-            start_step = checkpoint.load(found, plain_student, optimizer, scheduler)
-            say(f"Resumed from {found} (step {start_step})")
-        elif cfg.resume:
-            say(f"No checkpoint in {run_dir}: starting at step 0")
-        if is_main:  # setup succeeded: only now is the run's record touched
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            if cfg.resume:
-                _trim_metrics(run_dir, start_step, say)
+    start_step = rundir.resume(cfg, run_dir, plain_student, optimizer, scheduler, accelerator, say)
     # the rollouts' sampler: generate on the student, or vLLM given the (resumed) student's weights
     longest = max(map(len, train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
     engine = build.engine(cfg, pair, plain_student, longest)
     eval_engine = engine if build.eval_engine_kind(cfg) == engine.name else None  # another kind is built when first needed
-    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb) if is_main else None
-    best = {"step": None, "accuracy": -1.0}
-    for m in read_metrics(run_dir) if is_main else []:  # evaluations before a resume still count
-        if m.get("eval/accuracy", -1.0) > best["accuracy"]:
-            best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
+    with ranks.fail_together(accelerator):  # everything is built: only now is the run's record touched
+        logger, best = rundir.open_record(cfg, run_dir, start_step, is_main, say)
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
-    last_saved, skipped_in_row, warned, missed = start_step, 0, set(), []
+    last_saved, skipped_in_row, warned, missed, save_timer = start_step, 0, set(), [], PhaseTimer()
     with _InterruptFlag(several_processes=procs > 1) as interrupt:
         for step in range(start_step, cfg.steps):
             timer = PhaseTimer()
@@ -315,18 +275,20 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                         if result.accuracy > best["accuracy"]:
                             best, new_best = {"step": done, "accuracy": result.accuracy}, True
                         metrics["eval/best_step"] = best["step"]
-                    accelerator.wait_for_everyone()
+                    new_best = ranks.any_process(accelerator, new_best)  # every process joins the save of a new best
+            # time/save_s: the checkpoint written after the previous step's row
+            metrics.update({f"time/{phase}_s": s for phase, s in {**save_timer.seconds, **timer.seconds}.items()})
+            metrics["time/step_s"] = time.perf_counter() - step_start
+            metrics["mem/peak_mb"] = peak_memory_mb(device)
+            if logger is not None:  # before the checkpoint: a kill between the two loses no row (resume trims later ones)
+                logger.log(done, metrics)
+            save_timer = PhaseTimer()
             if cfg.save_every and (done % cfg.save_every == 0 or new_best):  # the best evaluation keeps its checkpoint
-                with timer("save"):
+                with save_timer("save"):
                     if is_main:
                         checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
                     last_saved = done
                     accelerator.wait_for_everyone()
-            metrics.update({f"time/{phase}_s": s for phase, s in timer.seconds.items()})
-            metrics["time/step_s"] = time.perf_counter() - step_start
-            metrics["mem/peak_mb"] = peak_memory_mb(device)
-            if logger is not None:
-                logger.log(done, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl/reverse']:.4f}",
                             len=f"{metrics['rollout/len_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
@@ -353,7 +315,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
     # ---- final model -----------------------------------------------------------------------------
     if is_main:
-        checkpoint.save_final(run_dir / "final", plain_student, pair.tokenizer, cfg.merge_lora, pair.dtype)
+        checkpoint.save_final(run_dir / "final", plain_student, pair.tokenizer, cfg.merge_lora, build.final_dtype(cfg, pair))
         best_checkpoint = checkpoint.find(run_dir, best["step"]) if best["step"] else None
         summary = {"steps": cfg.steps, "best_eval_step": best["step"], "best_eval_accuracy": best["accuracy"] if best["step"] else None,
                    "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
@@ -363,6 +325,10 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     accelerator.wait_for_everyone()
     return run_dir
 
+
+# Across tokenizers, the loss sees only the student positions paired with a teacher position
+# (xtok/aligned_frac); under this share, much of each rollout teaches nothing.
+MIN_ALIGNED_FRAC = 0.5
 
 # Reverse KL's gradient pulls a student toward the teacher's choice in proportion to the student's own
 # probability of it: where the teacher is sure of a token the student all but excludes, reverse KL
@@ -380,6 +346,11 @@ def _warnings(cfg: Config, done: int, metrics: dict, missed: list[float], warned
             warned.add(side)
             out.append(f"Warning: at step {done} the {side} puts only {mass:.1%} of its probability on tokens the other "
                        f"vocabulary shares (xtok/{side}_mapped_mass); the loss sees only that part")
+    aligned = metrics.get("xtok/aligned_frac")
+    if aligned is not None and aligned < MIN_ALIGNED_FRAC and "aligned" not in warned:
+        warned.add("aligned")
+        out.append(f"Warning: at step {done} only {aligned:.1%} of the response positions have a teacher position with the "
+                   f"same context (xtok/aligned_frac); the loss sees only those (xtok_align=middle pairs every token with text)")
     if cfg.loss in ("reverse_kl", "sampled") and len(missed) >= STUCK_STEPS and "stuck" not in warned:
         first, recent = sum(missed[:5]) / 5, sum(missed[-5:]) / 5
         if recent >= STUCK_SHARE and recent > first / 2:
@@ -394,8 +365,9 @@ def _warnings(cfg: Config, done: int, metrics: dict, missed: list[float], warned
 def _step_metrics(totals: dict[str, float], counted: float, batch_size: int, constant: dict[str, float]) -> dict:
     """The logged figures of one step from the sums over every process.
 
-    Per-position metrics (kl/..., agree/..., teacher/..., xtok/..._mass) are means over the positions
-    that carry the loss; `name:num` / `name:den` pairs become their ratio.
+    Per-position metrics (kl/..., agree/..., teacher/..., xtok/..._mass) are means over `counted`, every
+    position with a teacher signal, whether token selection gives it the loss or not (the select/
+    metrics split them); `name:num` / `name:den` pairs become their ratio.
     """
     out = {"loss": totals["loss"]}
     for key, value in totals.items():

@@ -39,6 +39,7 @@ class CrossTokenizer:
         self.xtok_loss, self.align, self.floor, self.uld_weight = xtok_loss, align, floor, uld_weight
         self.student_bytes, student_special = xtok.token_bytes(student_tokenizer)
         self.teacher_bytes, teacher_special = xtok.token_bytes(teacher_tokenizer)
+        self.teacher_prefix = xtok.dummy_prefix(teacher_tokenizer, self.teacher_bytes)  # b" " for Llama-2 style
         self.student_eos, self.student_special = set(student_eos), student_special | set(student_eos)
         self.teacher_vocab = len(teacher_tokenizer)
         self.teacher_pad = teacher_tokenizer.pad_token_id
@@ -73,9 +74,12 @@ class CrossTokenizer:
         positions = torch.full(responses.shape, -1, dtype=torch.long)
         teacher_rows = []
         for b, ((ids, lengths, special, valid, data), t_ids) in enumerate(zip(rows, encoded)):
-            t_lengths = [len(self.teacher_bytes[i]) for i in t_ids]
-            ok = xtok.common_prefix(b"".join(self.teacher_bytes[i] for i in t_ids), data)
-            pairs = xtok.align_row(lengths, [i in self.student_eos for i in ids], special, valid, t_lengths, ok, self.align)
+            t_lengths, t_data, dropped = xtok.drop_dummy_prefix([len(self.teacher_bytes[i]) for i in t_ids],
+                                                                b"".join(self.teacher_bytes[i] for i in t_ids), data,
+                                                                self.teacher_prefix)
+            ok = xtok.common_prefix(t_data, data)
+            pairs = xtok.align_row(lengths, [i in self.student_eos for i in ids], special, valid, t_lengths, ok, self.align,
+                                   teacher_first=int(dropped))
             positions[b, : len(pairs)] = torch.tensor(pairs, dtype=torch.long)
             teacher_rows.append(list(t_ids) + [self.teacher_end])  # the last position predicts what follows the text
         width = max(len(r) for r in teacher_rows)

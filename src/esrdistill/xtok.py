@@ -16,6 +16,12 @@ its own prompt. Positions are matched by the text they condition on:
   the teacher token covering the middle byte of student token t; every student token with text gets
   a partner, whose context may end a few bytes earlier.
 
+A teacher whose SentencePiece tokenizer adds a dummy prefix (Llama-2, Mistral v0.1, TinyLlama: a '▁'
+before the first piece) reads the response as " " + text; that added space is no text of the
+student's, so its bytes are dropped before the positions are matched (`drop_dummy_prefix`), and the
+teacher position that predicts the token holding it (whose every candidate, '▁Hello', carries the
+space) is never paired.
+
 The student's EOS has no text: it is compared with the teacher position after the whole text, where
 the teacher decides whether to stop. Positions after a special token other than EOS (which the
 teacher never sees) are left out, as are those past the end of the valid UTF-8 text (ESR may cut a
@@ -61,7 +67,8 @@ def token_bytes(tokenizer) -> tuple[list[bytes], set[int]]:
     """(bytes of every token id, the ids of special tokens).
 
     Byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM): each character of a token stands for one byte.
-    SentencePiece-style (Gemma, Llama-2, Mistral): '▁' is a space and '<0xNN>' is the byte NN.
+    SentencePiece-style (Gemma, Llama-2, Mistral): '▁' is a space and '<0xNN>' is the byte NN (the
+    space a dummy-prefix tokenizer adds before a text is found by `dummy_prefix`).
     Added tokens that are not special are their text. Anything else: the token's string as UTF-8.
     Special tokens (BOS, EOS, pad, chat markers) have no bytes: they are not text.
     """
@@ -101,6 +108,33 @@ def valid_utf8_length(data: bytes) -> int:
         return err.start
 
 
+def dummy_prefix(tokenizer, table: list[bytes], probe: str = "a") -> bytes:
+    """The bytes `tokenizer` adds before any text it encodes: b" " for a SentencePiece dummy prefix
+    (Llama-2, Mistral v0.1, TinyLlama), else b"". table: token_bytes(tokenizer)[0]."""
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    data = b"".join(table[i] for i in ids)
+    return data[: -len(probe)] if data.endswith(probe.encode("utf-8")) else b""
+
+
+def drop_dummy_prefix(teacher_lengths: list[int], teacher_data: bytes, text: bytes, prefix: bytes) -> tuple[list[int], bytes, bool]:
+    """The teacher's tokenisation of `text` without the dummy prefix its tokenizer added in front.
+
+    teacher_lengths: byte length of each teacher token; teacher_data: the bytes they spell; prefix: what
+    the tokenizer adds (`dummy_prefix`). The prefix is dropped when the teacher's bytes start with it
+    and reproduce `text` at least as far without it (a text that starts with a space keeps it where
+    the tokenizer added nothing, as Metaspace's prepend_scheme="first" does). Returns (lengths,
+    bytes, whether it was dropped); the first tokens lose the prefix's bytes (a lone '▁' becomes empty).
+    """
+    kept = common_prefix(teacher_data, text)
+    if not prefix or not teacher_data.startswith(prefix) or common_prefix(teacher_data[len(prefix):], text) < kept:
+        return list(teacher_lengths), teacher_data, False
+    lengths, left = list(teacher_lengths), len(prefix)
+    for j in range(len(lengths)):
+        taken = min(left, lengths[j])
+        lengths[j], left = lengths[j] - taken, left - taken
+    return lengths, teacher_data[len(prefix):], True
+
+
 # ---- alignment of one response --------------------------------------------------------------------
 
 @dataclass
@@ -130,6 +164,7 @@ def align_row(
     teacher_lengths: list[int],
     teacher_ok_bytes: int,
     rule: str = START,
+    teacher_first: int = 0,
 ) -> list[int]:
     """Teacher position per student position (-1: none), for one response.
 
@@ -139,12 +174,14 @@ def align_row(
     tokenisation of that text; teacher_ok_bytes: how many leading bytes the teacher's tokens reproduce
     exactly (past that point, a tokenizer that normalises text, say, no longer reads the same text).
     Teacher position j conditions on the text before teacher token j (position len(teacher_lengths)
-    on the whole text); it is usable when that text is within teacher_ok_bytes.
+    on the whole text); it is usable when that text is within teacher_ok_bytes and j >= teacher_first
+    (1 after a dropped dummy prefix: position 0 predicts the token that holds it). Where several
+    teacher positions end at one byte (after a lone dummy '▁'), the last one is paired.
     See the module docstring for the rules.
     """
     starts = student_spans(student_lengths)
     t_starts = student_spans(teacher_lengths) + [sum(teacher_lengths)]  # context end of every teacher position
-    usable = {offset: j for j, offset in enumerate(t_starts) if offset <= teacher_ok_bytes}
+    usable = {offset: j for j, offset in enumerate(t_starts) if offset <= teacher_ok_bytes and j >= teacher_first}
     out: list[int] = []
     for t, (start, length) in enumerate(zip(starts, student_lengths)):
         if student_special[t] and not student_eos[t]:
@@ -154,7 +191,7 @@ def align_row(
         else:  # MIDDLE: the teacher token covering the student token's middle byte
             middle = start + (length - 1) // 2
             j = _covering(t_starts[:-1], middle) if middle < min(valid_bytes, t_starts[-1]) else -1
-            pair = j if j >= 0 and t_starts[j] <= teacher_ok_bytes else -1
+            pair = j if j >= teacher_first and t_starts[j] <= teacher_ok_bytes else -1
         out.append(pair)
         if student_eos[t]:
             break  # nothing after EOS counts
