@@ -1,9 +1,12 @@
-"""Tiny models built from a config, with a character-level tokenizer saved to a temp dir: no download."""
+"""Fixtures shared by the tests; the helpers they are built from are in helpers.py.
+
+Tests marked `slow` (end-to-end training, several processes, vLLM, the packaged models, the lab)
+are left out of the quick local tier: `python -m pytest -q -m "not slow"`.
+"""
 
 from __future__ import annotations
 
 import os
-import string
 
 import pytest
 import torch
@@ -12,59 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE, extra: list[str] = ()):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = SPECIALS + list(dict.fromkeys(list(string.printable[:95]) + ["\n"])) + list(extra)
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "</s>"],
-    )
-    tok.chat_template = chat_template
-    return tok
-
-
-def make_model(vocab_size: int, seed: int, layers: int = 2, hidden: int = 32, vocab_rows: int | None = None,
-               heads: int = 4, kv_heads: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_rows or vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=4, pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init: distributions far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model.eval()
-
-
-def save_model(path, model, tok) -> str:
-    """Save a model with its tokenizer as a loadable directory (generation ids set from the tokenizer)."""
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def save_pair(path, seed: int, **kw):
-    tok = make_tokenizer()
-    return save_model(path, make_model(len(tok), seed, **kw), tok)
+from helpers import make_tokenizer, save_pair  # noqa: E402  (after the environment is set)
 
 
 @pytest.fixture(scope="session")
@@ -77,43 +28,6 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()
-
-
-def tiny_overrides(student: str, teacher: str, run_dir, **extra) -> dict:
-    """A config for 2-3 second training steps on the tiny models."""
-    values = dict(
-        student=student, teacher=teacher, dataset="reasoning_gym:chain_sum",
-        dataset_options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-        num_prompts=32, eval_prompts=4, system_prompt="Answer.", rollout_tokens=8, max_new_tokens=12,
-        batch_size=4, micro_batch_size=2, steps=3, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        eval_every=0, save_every=0, run_dir=str(run_dir), device="cpu", progress=False,
-    )
-    values.update(extra)
-    return values
-
-
-def train_interrupted_then_resumed(values: dict, at_step: int, monkeypatch):
-    """Train with `values`, send SIGINT (what Ctrl-C does) once step `at_step` is logged, then resume:
-    returns the TrainingInterrupted that stopped the first attempt."""
-    import signal
-
-    from esrdistill import tracking
-    from esrdistill.config import make_config
-    from esrdistill.train import TrainingInterrupted, train
-
-    original_log = tracking.MetricsLogger.log
-
-    def interrupt(self, step, metrics):
-        original_log(self, step, metrics)
-        if step == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(tracking.MetricsLogger, "log", interrupt)
-    with pytest.raises(TrainingInterrupted) as stop:
-        train(make_config(values))
-    monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
-    train(make_config({**values, "resume": True}))
-    return stop.value
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,8 @@ def test_equal_work_prompts_are_smollm2s_chat_template_with_its_default_system_m
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = SimpleNamespace(config=AutoConfig.from_pretrained(path))  # prompt_set reads the context length only
-    pair = SimpleNamespace(student=model, teacher=model, tokenizer=tokenizer, teacher_tokenizer=tokenizer)
+    pair = SimpleNamespace(student=model, teacher=model, tokenizer=tokenizer, teacher_tokenizer=tokenizer,
+                           teachers=None, served=None)
     cfg = equal_work_configs()["n256"]
     task = build.task(cfg)
     prompt_set = build.prompt_set(cfg, pair, task, task.train, build.rollout_length(cfg), build.rollout_length_key(cfg))

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from esrdistill import bench, cli
 
 

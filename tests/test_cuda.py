@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 from esrdistill import engine_hf, losses, objective, rollout
 from esrdistill.teacher import LossSettings, SameTokenizer
 
@@ -58,8 +58,9 @@ def _loss_and_grads(loss, device, dtype, chunk=0):
     prompts, responses, mask = _batch()
     plan = scorer.plan(prompts, responses, mask)
     scores = scorer.score(plan, [0, 1, 2], responses.shape[1], hidden=chunk > 0)
-    value, _ = objective.micro_batch_loss(student, scorer, scores, prompts, responses, mask, PAD, len(tok), nullcontext,
-                                          "trajectory", 3, chunk)
+    value, _ = objective.micro_batch_loss(objective.Student(student, PAD, len(tok), nullcontext), scorer, scores,
+                                          rollout.Rollouts(prompts, responses, mask),
+                                          LossSettings(loss=loss, temperature=0.7, top_p=0.9, loss_chunk=chunk), 3)
     value.backward()
     return value.item(), {n: p.grad.float().cpu() for n, p in student.named_parameters()}
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 from esrdistill import prompts
 from esrdistill.data import DataError, Problem, load_task
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, tiny_overrides
+from helpers import make_model, make_tokenizer, tiny_overrides
 from esrdistill import diagnostics, engine_hf, rollout
 from esrdistill.config import make_config
 from esrdistill.diagnose import DiagnoseOptions, diagnose, prefix_continuation, profile

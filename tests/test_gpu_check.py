@@ -24,6 +24,7 @@ def dry_run(tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow  # the GPU check's dry run end to end
 def test_the_dry_run_passes_every_part(dry_run):
     out, done = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -32,6 +33,7 @@ def test_the_dry_run_passes_every_part(dry_run):
     assert all(": ok in " in line for line in summary)
 
 
+@pytest.mark.slow  # the GPU check's dry run end to end
 def test_the_bench_table_has_the_three_phases_for_both_arms(dry_run):
     out, _ = dry_run
     labels = list(arms(DRY))
@@ -51,6 +53,7 @@ def test_the_bench_table_has_the_three_phases_for_both_arms(dry_run):
         assert figures["steps_measured"] == DRY.steps - 1  # the warm-up step left out
 
 
+@pytest.mark.slow  # the GPU check's dry run end to end
 def test_the_setup_names_the_models_and_the_vocabulary(dry_run):
     out, _ = dry_run
     setup = json.loads((out / "bench" / "setup.json").read_text())

@@ -85,6 +85,7 @@ def test_claims_read_the_arms_they_name():
     assert [name for name, _ in arms(grid)] == ["full", "esr_k16", "progressive_1-16", "prefix_mask", "top_reverse_kl"]
 
 
+@pytest.mark.slow  # the lab end to end
 def test_lab_repro_quick_end_to_end(tmp_path):
     """The whole pipeline on seconds-trained models: models, every arm with two seeds, diagnostics, claims, report."""
     from esrdistill.cli import main

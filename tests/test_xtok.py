@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 from esrdistill import losses, xtok
 from esrdistill.teacher import LossSettings, SameTokenizer, log_probs
-from esrdistill.xteacher import CrossTokenizer
+from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
 from xtok_tokenizers import permute_model, permuted_copy, sentencepiece_tokenizer
 
 TEXTS = [
@@ -96,7 +96,7 @@ def naive_alignment(student_ids, s_bytes, s_special, s_eos, teacher_tok, t_bytes
 def _cross(student_tok, teacher_tok, rule="start", loss="matched_kl", model=None):
     model = model or make_model(len(teacher_tok), 3)
     return CrossTokenizer(model, student_tok, teacher_tok, [student_tok.eos_token_id], [teacher_tok.eos_token_id], 4,
-                          LossSettings(), loss, rule)
+                          LossSettings(), XtokSettings(loss=loss, align=rule))
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +188,7 @@ def test_the_teachers_log_probs_are_floored_after_renormalising(byte_level, sent
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # extreme logits: many tokens far below e^-20
     cross = CrossTokenizer(model, byte_level, sentencepiece, [byte_level.eos_token_id], [sentencepiece.eos_token_id], 4,
-                           LossSettings(), floor=-20.0)
+                           LossSettings(), XtokSettings(teacher_floor=-20.0))
     ids = byte_level("12 + 30 = 42", add_special_tokens=False)["input_ids"]
     responses, mask = torch.tensor([ids]), torch.ones(1, len(ids))
     plan = cross.plan([[sentencepiece.bos_token_id]], responses, mask)
@@ -300,7 +300,7 @@ def test_cross_tokenizer_losses_match_naive_references(byte_level, sentencepiece
     units, mass = xtok.renormalise(xtok.unit_logp(t_logp, vm.teacher_primary, vm.teacher_extra_units, vm.teacher_extra_ids))
     from esrdistill.teacher import Scores
 
-    scores = Scores(logp=units.clamp(min=cross.floor), mask=mask, extra={"teacher_mass": mass, "teacher_full": t_logp})
+    scores = Scores(logp=units.clamp(min=cross.xtok.teacher_floor), mask=mask, extra={"teacher_mass": mass, "teacher_full": t_logp})
     got = cross.compare(s_logp, scores, torch.zeros(2, 4, dtype=torch.long)).per_token
 
     s_members, t_members = {}, {}

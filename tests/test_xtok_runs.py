@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import make_model, tiny_overrides
+from helpers import make_model, tiny_overrides
 from esrdistill import cli, tracking
 
 # ---- the whole loop on two tokenizers of different kinds -----------------------------------------------

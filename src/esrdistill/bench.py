@@ -47,7 +47,7 @@ BENCH_DEFAULTS = {
     "progress": False,
 }
 EQUAL_WORK_LAYERS = (0, 4, 8, 12, 16, 20, 24, 29)
-# The job TRL 1.16.0 was measured on (README: Benchmark), so that the comparison compares the same work.
+# The job TRL 1.16.0 was measured on (docs/benchmarks.md), so that the comparison compares the same work.
 EQUAL_WORK_DEFAULTS = {
     "student": "packaged:smollm2-135m-instruct",  # cut down to EQUAL_WORK_LAYERS by bench()
     "teacher": "packaged:smollm2-135m-instruct",

@@ -1,7 +1,9 @@
-"""Builders: the only place where the Config turns into objects (models, task, prompts, grader).
+"""Builders: the only place where the Config turns into objects (models, task, prompts, grader, teacher,
+engine) and into the small frozen groups of settings the code takes instead of the whole config
+(teacher.LossSettings, cross_teacher.XtokSettings, engine_vllm.VLLMSettings, evaluate.EvalSettings).
 
-The cores (losses, rollout, teacher, prompts) take plain values; train, eval and quickstart call
-these builders so that all three read a config the same way.
+Users see one flat config; the cores (losses, selection, xtok) take plain values; train, eval and
+quickstart call these builders so that all three read a config the same way.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ from typing import Callable
 
 import torch
 
-from esrdistill import models, prompts, rollout
-from esrdistill.config import Config
+from esrdistill import models, prompts, rollout, teachers
+from esrdistill.config import Config, ConfigError, is_served
+from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
 from esrdistill.data import Task, load_task
+from esrdistill.engine_hf import HFEngine
+from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
+from esrdistill.evaluate import EvalSettings
 from esrdistill.grading import make_grader
 from esrdistill.packaged import is_packaged, resolve
+from esrdistill.served_teacher import Client, ServedSettings, ServedTeacher, check_server
+from esrdistill.teacher import LossSettings, SameTokenizer, Teacher
 
 
 def rollout_length(cfg: Config) -> int:
@@ -37,7 +45,7 @@ def rollout_length_key(cfg: Config) -> str:
 
 def prepare_models(cfg: Config) -> None:
     """Convert packaged models now (once, cached), so that loading them later is a plain local load."""
-    for spec in dict.fromkeys((cfg.student, cfg.teacher)):
+    for spec in dict.fromkeys((cfg.student, cfg.teacher, *(v.teacher for v in teachers.views(cfg).values()))):
         if is_packaged(spec):
             resolve(spec, cfg.model_cache)
 
@@ -51,7 +59,7 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         answer_field=cfg.answer_field,
         num_prompts=cfg.num_prompts,
         eval_prompts=cfg.eval_prompts if eval_prompts is None else eval_prompts,
-        fewshot=cfg.teacher_fewshot,
+        fewshot=teachers.most_fewshot(cfg),
         seed=cfg.data_seed,
         options=cfg.dataset_options,
         split=cfg.dataset_split,
@@ -66,7 +74,7 @@ def styles(cfg: Config, task: Task) -> tuple[prompts.PromptStyle, prompts.Prompt
     teacher = prompts.PromptStyle(
         system=cfg.teacher_system_prompt if cfg.teacher_system_prompt is not None else cfg.system_prompt,
         template=cfg.prompt_template,
-        fewshot=prompts.fewshot_turns(task.fewshot, cfg.prompt_template, cfg.fewshot_template),
+        fewshot=prompts.fewshot_turns(task.fewshot[: cfg.teacher_fewshot], cfg.prompt_template, cfg.fewshot_template),
         suffix=cfg.teacher_prompt_suffix,
     )
     return student, teacher
@@ -87,6 +95,8 @@ class Pair:
     cross: bool  # the teacher re-reads the student's text with its own tokenizer
     device: torch.device
     dtype: torch.dtype  # the compute dtype; a fully fine-tuned student keeps fp32 master weights
+    served: object = None  # served_teacher.Server when the teacher is served (teacher=http://...; `teacher` is None)
+    teachers: dict | None = None  # several teachers (teachers.pair): {name: (its view of the config, its Pair)}; `teacher` is the default's
 
     def autocast(self):
         """The context in which the student computes: autocast to `dtype` when its weights are kept
@@ -97,6 +107,11 @@ class Pair:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def describe(self) -> str:
+        if self.teachers:
+            return "; ".join(f"teacher {name}: {sub.describe()}" for name, (_, sub) in self.teachers.items())
+        if self.served is not None:
+            extra = len(self.teacher_tokenizer.get_vocab()) - self.vocab_size
+            return f"teacher: {self.served.model}, served" + (f" (its tokenizer appends {extra} tokens)" if extra else "")
         if not self.cross:
             extra = len(self.teacher_tokenizer) - self.vocab_size
             return "tokenizers: the same" if extra == 0 else f"tokenizers: the teacher's appends {extra} tokens to the student's"
@@ -106,6 +121,10 @@ class Pair:
 
 
 def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
+    if cfg.teachers:
+        return teachers.pair(cfg, device, trainable)
+    if is_served(cfg.teacher):
+        return served_pair(cfg, device, trainable)
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.model_cache)
@@ -134,41 +153,92 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     )
 
 
-def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None):
-    """The teacher's scorer: the student's own ids, or (across tokenizers) the student's text re-read.
-    prompts: the teacher prompts it will score, whose shared beginning is cached once
-    (teacher_prefix_cache)."""
-    from esrdistill.teacher import LossSettings, SameTokenizer
+MAX_APPENDED = 256  # a served teacher whose tokenizer appends more tokens to the student's is refused (each is asked for)
 
-    settings = LossSettings(loss=cfg.loss, jsd_beta=cfg.jsd_beta, temperature=cfg.temperature, top_p=cfg.top_p)
+
+def served_pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
+    """The student, and a teacher served at cfg.teacher: its tokenizer (teacher_tokenizer) is loaded here, its
+    weights stay on the server (Pair.teacher is None)."""
+    if not trainable:
+        raise ConfigError("a served teacher (teacher=http://...) is for training only: diagnostics and evaluations of the "
+                          "teacher need its weights, so give teacher its directory or hub id there")
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
+    teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.student, cfg.model_cache)
+    relation = models.tokenizer_relation(tokenizer, teacher_tokenizer)
+    appended = len(teacher_tokenizer.get_vocab()) - len(tokenizer.get_vocab())
+    if relation == models.DIFFERENT or appended > MAX_APPENDED:
+        raise ConfigError(f"teacher_tokenizer={cfg.teacher_tokenizer} does not have the student's ids (or appends "
+                          f"{appended} > {MAX_APPENDED} tokens to them): a served teacher must share the student's "
+                          "tokenizer (docs/served-teacher.md)")
+    server = check_server(served_settings(cfg), appended)  # before the weights: enough --max-logprobs?
+    student = models.load_model(cfg.student, models.master_dtype(dtype, cfg.lora_r), device, cfg.model_cache)
+    student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    vocab = len(tokenizer.get_vocab())
+    if student.get_output_embeddings().weight.shape[0] < vocab:
+        raise models.ModelError(f"the student's LM head has fewer rows than its tokenizer's {vocab} tokens")
+    return Pair(student=student, teacher=None, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, vocab_size=vocab,
+                eos_ids=models.eos_ids(tokenizer, student), teacher_eos_ids=models.eos_ids(teacher_tokenizer, None),
+                relation=relation, cross=False, device=device, dtype=dtype, served=server)
+
+
+def served_settings(cfg: Config) -> ServedSettings:
+    """The teacher_* keys of a teacher served at cfg.teacher."""
+    return ServedSettings(url=cfg.teacher, model_name=cfg.teacher_model_name, top_k=cfg.teacher_top_k, mode=cfg.served_loss,
+                          concurrency=cfg.teacher_concurrency, timeout_s=cfg.teacher_timeout_s, retries=cfg.teacher_retries)
+
+
+def loss_settings(cfg: Config) -> LossSettings:
+    """The loss and the token selection: what the teacher compares with and the loss reduces with."""
+    return LossSettings(loss=cfg.loss, jsd_beta=cfg.jsd_beta, temperature=cfg.temperature, top_p=cfg.top_p,
+                        loss_norm=cfg.loss_norm, loss_chunk=cfg.loss_chunk, token_select=cfg.token_select,
+                        select_tokens=cfg.select_tokens)
+
+
+def xtok_settings(cfg: Config) -> XtokSettings:
+    """The xtok_* keys: how a teacher with another tokenizer is aligned and compared."""
+    return XtokSettings(loss=cfg.xtok_loss, align=cfg.xtok_align, teacher_floor=cfg.xtok_teacher_floor,
+                        uld_weight=cfg.xtok_uld_weight)
+
+
+def vllm_settings(cfg: Config) -> VLLMSettings:
+    """The vllm_* keys: how a vLLM engine uses its device."""
+    return VLLMSettings(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
+                        sleep=cfg.vllm_sleep, compile=cfg.vllm_compile)
+
+
+def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None) -> Teacher:
+    """The teacher's scorer: the student's own ids, (across tokenizers) the student's text re-read, or (served)
+    a vLLM server's top-K log-probs of the student's ids. prompts: the teacher prompts it will score, whose
+    shared beginning is cached once (teacher_prefix_cache)."""
+    if pair.teachers:
+        return teachers.teacher(cfg, pair, prompts)
+    settings = loss_settings(cfg)
+    if pair.served is not None:
+        appended = len(pair.teacher_tokenizer.get_vocab()) - pair.vocab_size
+        return ServedTeacher(Client(served_settings(cfg), pair.served, pair.vocab_size, appended), settings, pair.device)
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     prefix = rollout.PrefixCache(pair.teacher, prompts) if cfg.teacher_prefix_cache and prompts else None
     if not pair.cross:
         return SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings, prefix)
-    from esrdistill.xteacher import CrossTokenizer
-
     return CrossTokenizer(pair.teacher, pair.tokenizer, pair.teacher_tokenizer, pair.eos_ids, pair.teacher_eos_ids, micro,
-                          settings, cfg.xtok_loss, cfg.xtok_align, cfg.xtok_teacher_floor, cfg.xtok_uld_weight, prefix)
+                          settings, xtok_settings(cfg), prefix)
 
 
-def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None):
+def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None) -> rollout.Engine:
     """A rollout engine holding the student: `hf` (generate on the student itself) or `vllm` (an
     in-process vLLM engine, given the student's current weights). kind: default cfg.rollout_engine."""
     kind = kind or cfg.rollout_engine
     if kind == "hf":
-        from esrdistill.engine_hf import HFEngine
-
         return HFEngine(student, pair.autocast)
     return vllm_engine(cfg, models.locate(cfg.student, cfg.model_cache), pair.dtype, max_model_len, pair.vocab_size, student)
 
 
-def vllm_engine(cfg: Config, path: str, dtype: torch.dtype, max_model_len: int, vocab_size: int, weights_from=None):
+def vllm_engine(cfg: Config, path: str, dtype: torch.dtype, max_model_len: int, vocab_size: int,
+                weights_from=None) -> rollout.Engine:
     """An in-process vLLM engine on the model at `path`; with `weights_from`, given that model's weights
     at once (a resumed or LoRA-wrapped student is not what the directory holds)."""
-    from esrdistill.engine_vllm import VLLMEngine
-
-    engine = VLLMEngine(path, dtype, max_model_len, cfg.seed, vocab_size, cfg.vllm_gpu_memory_utilization,
-                        cfg.vllm_kv_cache_gb, cfg.vllm_sleep, cfg.vllm_compile)
+    engine = VLLMEngine(path, dtype, max_model_len, cfg.seed, vocab_size, vllm_settings(cfg))
     if weights_from is not None:
         engine.sync(weights_from)
     return engine
@@ -180,7 +250,8 @@ def eval_engine_kind(cfg: Config) -> str:
 
 def check_available(cfg: Config) -> None:
     """Import now what a training run will need later (vLLM for its rollouts or its evaluations,
-    TensorBoard, wandb), so that a missing package stops it before anything is written or trained."""
+    TensorBoard, wandb), and ask a served teacher's server whether it answers, so that a missing package
+    or server stops it before anything is written or trained."""
     from esrdistill.tracking import check_loggers
 
     evaluates = cfg.eval_every > 0 and cfg.eval_prompts > 0
@@ -190,6 +261,8 @@ def check_available(cfg: Config) -> None:
 
             import_vllm(f"{key}=vllm")
     check_loggers(cfg.tensorboard, cfg.wandb)
+    if is_served(cfg.teacher):  # a server that is not there, or cannot return teacher_top_k log-probs
+        check_server(served_settings(cfg))
 
 
 def final_dtype(cfg: Config, pair: Pair) -> torch.dtype:
@@ -212,14 +285,23 @@ def eval_sampling(cfg: Config, tokenizer, eos_ids: list[int], vocab_size: int, m
                             top_p=cfg.eval_top_p, eos_ids=tuple(eos_ids), pad_id=tokenizer.pad_token_id, vocab_size=vocab_size)
 
 
+def evaluation(cfg: Config, tokenizer, eos_ids: list[int], vocab_size: int) -> EvalSettings:
+    """How an evaluation of a model with this tokenizer, EOS ids and vocabulary draws its samples."""
+    return EvalSettings(sampling=eval_sampling(cfg, tokenizer, eos_ids, vocab_size), batch_size=cfg.eval_batch_size,
+                        samples=cfg.eval_samples)
+
+
 def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int, new_tokens_key: str) -> prompts.PromptSet:
     """Both views of `problems`, dropping those that leave no room for `new_tokens` of response.
 
     new_tokens_key names the setting that gave new_tokens (rollout_tokens or max_new_tokens), for the
     message that says which limit a dropped prompt exceeded.
     """
+    if pair.teachers:  # each teacher's rows in its own view
+        return teachers.prompt_set(cfg, pair, task, problems, new_tokens, new_tokens_key)
     student_style, teacher_style = styles(cfg, task)
-    student_context, teacher_context = prompts.context_length(pair.student), prompts.context_length(pair.teacher)
+    student_context = prompts.context_length(pair.student)
+    teacher_context = pair.served.max_model_len if pair.served is not None else prompts.context_length(pair.teacher)
     limits = [prompts.Limit("student", student_context - new_tokens,
                             f"the student's context of {student_context} tokens minus {new_tokens_key}={new_tokens}"),
               prompts.Limit("teacher", teacher_context - new_tokens,

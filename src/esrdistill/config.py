@@ -30,6 +30,12 @@ SELECT_RULES = ("prefix", "prefix_mask", "random", "middle", "last", "top_revers
                 "top_student_entropy", "kl_x_student_entropy", "teacher_x_student_entropy", "kl_x_teacher_x_student_entropy")
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 XTOK_ALIGN = ("start", "middle")
+SERVED_LOSSES = ("tail", "renorm")
+
+
+def is_served(spec: str) -> bool:
+    """Whether a teacher spec is the address of a server (http://HOST:PORT) rather than a model."""
+    return spec.strip().lower().startswith(("http://", "https://"))
 
 
 class ConfigError(UserError, ValueError):
@@ -40,7 +46,18 @@ class ConfigError(UserError, ValueError):
 class Config:
     # ---- models -------------------------------------------------------------------------------
     student: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
-    teacher: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, or packaged:NAME
+    teacher: str = "packaged:smollm2-135m-instruct"  # local dir, hub id, packaged:NAME, or http://HOST:PORT (a vLLM server: docs/served-teacher.md)
+    teacher_tokenizer: Optional[str] = None  # served teacher: the model dir or hub id its tokenizer is read from (for its prompts); null = the student's
+    teacher_model_name: Optional[str] = None  # served teacher: the model name the server reports; null = the one model it serves
+    teacher_top_k: int = 64  # served teacher: log-probs per position it returns (start the server with --max-logprobs >= this)
+    served_loss: str = "tail"  # served teacher: tail (top-K tokens + one bucket for the rest) | renorm (renormalised over the top-K)
+    teacher_concurrency: int = 8  # served teacher: requests in flight at once (one per rollout)
+    teacher_timeout_s: float = 120.0  # served teacher: seconds one request may take before it is retried
+    teacher_retries: int = 5  # served teacher: retries of a failed request (waits 1, 2, 4, ... s) before the run stops
+    teachers: dict = field(default_factory=dict)  # several teachers: {name: model or URL, or {model, system_prompt, fewshot, suffix, tokenizer, model_name}}; routed by teacher_field (docs/teachers.md)
+    teacher_field: Optional[str] = None  # several teachers: the data field naming each row's teacher; null = every row to default_teacher
+    default_teacher: Optional[str] = None  # several teachers: the teacher of rows without teacher_field; null = the first of teachers
+    teacher_offload: bool = False  # several teachers: keep local teachers on the CPU, each moved to the device only while it scores (needs loss_chunk=0)
     model_cache: Optional[str] = None  # where packaged models are converted; null = ~/.cache/esrdistill (or $ESRDISTILL_CACHE)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -78,7 +95,7 @@ class Config:
     rollout_tokens_start: int = 1  # progressive schedule: K at the first step
     schedule_steps: Optional[int] = None  # progressive schedule: steps to reach rollout_tokens; null = all the steps
     auto_k_problems: int = 16  # rollout_tokens=auto: held-out problems the diagnostics use to choose K
-    token_select: str = "prefix"  # prefix (ESR: generation stops at K) | on full rollouts: prefix_mask, random, middle, last, top_reverse_kl, ... (README)
+    token_select: str = "prefix"  # prefix (ESR: generation stops at K) | on full rollouts: prefix_mask, random, middle, last, top_reverse_kl, ... (docs/selection.md)
     select_tokens: int = 100  # token_select other than prefix: tokens per trajectory that carry the loss
     max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
     min_new_tokens: int = 0  # rollouts: EOS is held back before this many tokens (benchmarks force equal lengths); 0 = off
@@ -245,6 +262,19 @@ def validate(cfg: Config) -> Config:
     need(cfg.xtok_teacher_floor < 0, f"xtok_teacher_floor must be < 0 (a log-probability), got {cfg.xtok_teacher_floor}")
     need(cfg.xtok_uld_weight >= 0, f"xtok_uld_weight must be >= 0, got {cfg.xtok_uld_weight}")
     need(0 <= cfg.xtok_min_mapped_mass <= 1, f"xtok_min_mapped_mass must be in [0, 1], got {cfg.xtok_min_mapped_mass}")
+    need(cfg.teacher_top_k >= 1, f"teacher_top_k must be >= 1, got {cfg.teacher_top_k}")
+    need(cfg.served_loss in SERVED_LOSSES, f"served_loss must be one of {', '.join(SERVED_LOSSES)}, got '{cfg.served_loss}'")
+    need(cfg.teacher_concurrency >= 1, f"teacher_concurrency must be >= 1, got {cfg.teacher_concurrency}")
+    need(cfg.teacher_timeout_s > 0, f"teacher_timeout_s must be > 0, got {cfg.teacher_timeout_s}")
+    need(cfg.teacher_retries >= 0, f"teacher_retries must be >= 0, got {cfg.teacher_retries}")
+    _check_teachers(cfg, need)
+    if is_served(cfg.teacher):  # what a teacher that returns only its top-K log-probs cannot do (docs/served-teacher.md)
+        need(cfg.loss_chunk == 0, "loss_chunk needs the teacher's hidden states, which a served teacher does not return: "
+                                  "set loss_chunk=0 (a served teacher sends only its top-K log-probs, so the loss is small)")
+        need(cfg.cross_tokenizer != "on", "a served teacher must share the student's tokenizer: cross_tokenizer=on is not "
+                                          "supported with teacher=http://...")
+        need(cfg.rollout_tokens != "auto", "rollout_tokens=auto runs the diagnostics, which need the teacher's weights: give "
+                                           "rollout_tokens a number with a served teacher")
     need(cfg.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {cfg.min_new_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0 (0 = the whole response at once), got {cfg.loss_chunk}")
     need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
@@ -273,6 +303,55 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+TEACHER_KEYS = ("model", "system_prompt", "fewshot", "suffix", "tokenizer", "model_name")  # what each of `teachers` may set
+
+
+def _check_teachers(cfg: Config, need) -> None:
+    """The several-teachers keys (docs/teachers.md)."""
+    if not cfg.teachers:
+        need(cfg.teacher_field is None and cfg.default_teacher is None and not cfg.teacher_offload,
+             "teacher_field, default_teacher and teacher_offload are for several teachers: give them with teachers")
+        return
+    for name, spec in cfg.teachers.items():
+        need(isinstance(name, str) and name.strip() and not set(name) & set("/: "),
+             f"teachers: a name must be a word without '/', ':' or spaces (it ends metric names), got {name!r}")
+        spec = {"model": spec} if isinstance(spec, str) else spec
+        need(isinstance(spec, dict) and set(spec) <= set(TEACHER_KEYS) and isinstance(spec.get("model"), str)
+             and spec["model"].strip(), f"teachers: {name} must be a model (a local directory, hub id or packaged:NAME) "
+             f"or a mapping of {', '.join(TEACHER_KEYS)} with a model, got {spec!r}")
+        if is_served(spec["model"]):  # as with teacher=http://... (docs/served-teacher.md)
+            need(cfg.loss_chunk == 0, f"loss_chunk needs the teacher's hidden states, which a served teacher ({name}) does "
+                                      "not return: set loss_chunk=0")
+            need(cfg.cross_tokenizer != "on", f"a served teacher ({name}) must share the student's tokenizer: "
+                                              "cross_tokenizer=on is not supported with it")
+        need(isinstance(spec.get("fewshot", 0), int) and spec.get("fewshot", 0) >= 0, f"teachers: {name}'s fewshot must be an int >= 0")
+        need(all(isinstance(spec.get(k, ""), str if k == "suffix" else (str, type(None)))
+                 for k in ("system_prompt", "suffix", "tokenizer", "model_name")),
+             f"teachers: {name}'s system_prompt, suffix, tokenizer and model_name must be text")
+    need(cfg.default_teacher is None or cfg.default_teacher in cfg.teachers,
+         f"default_teacher={cfg.default_teacher} is not one of teachers: {', '.join(cfg.teachers)}")
+    need(cfg.rollout_tokens != "auto", "rollout_tokens=auto runs the diagnostics against one teacher: give rollout_tokens a "
+                                       "number with several teachers")
+    need(not (cfg.teacher_offload and cfg.loss_chunk), "teacher_offload with loss_chunk: the chunked loss needs each "
+                                                        "teacher's LM head on the device after it scores; set loss_chunk=0")
+
+
+def _default_teacher_model(values: dict[str, Any]) -> dict[str, Any]:
+    """With `teachers`, `teacher` is the default teacher's model (what evaluation and diagnostics read); a
+    different `teacher` is an error."""
+    teachers, default = values.get("teachers") or {}, values.get("default_teacher")
+    if not isinstance(teachers, dict) or not teachers or (default is not None and default not in teachers):
+        return values  # validate says what is wrong
+    spec = teachers[default if default is not None else next(iter(teachers))]
+    model = spec if isinstance(spec, str) else spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, str):
+        return values
+    if values.get("teacher", model) != model:
+        raise ConfigError(f"teacher={values['teacher']} and teachers: give one; with teachers, teacher is the default "
+                          f"teacher's model ({model})")
+    return {**values, "teacher": model}
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """['lr=1e-4', 'rollout_tokens=null'] -> {'lr': '1e-4', 'rollout_tokens': 'null'} (coerced later)."""
     out: dict[str, Any] = {}
@@ -290,7 +369,8 @@ def make_config(values: dict[str, Any]) -> Config:
     """A validated Config from a mapping of field names to raw values."""
     for key in values:
         _check_key(key)
-    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    return validate(Config(**_default_teacher_model(coerced)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

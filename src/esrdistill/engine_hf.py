@@ -129,6 +129,9 @@ def sample(model, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
                 attention_mask=inputs["attention_mask"].to(device),
                 generation_config=generation_config(sampling, head_rows),
                 logits_processor=processors,
+                # transformers would keep every process decoding until all are done for a sharded (FSDP) model;
+                # esrdistill generates on it only with its weights gathered (sharding.gathered), needing no peer
+                synced_gpus=False,
             )
     finally:
         model.train(was_training)
@@ -137,7 +140,7 @@ def sample(model, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
 
 
 class HFEngine:
-    """Rollouts from the student itself with `generate`; `sync` has nothing to do."""
+    """A rollout engine (rollout.Engine): the student itself samples with `generate`; `sync` has nothing to do."""
 
     name = "hf"
 

@@ -23,7 +23,9 @@ pipe or a checkpoint on disk.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -48,12 +50,51 @@ def import_vllm(setting: str = "rollout_engine=vllm"):
     return LLM, SamplingParams, TokensPrompt
 
 
+def head_dim(model_config: dict) -> int | None:
+    """The attention head size of a model, from its config.json values (None when it does not say)."""
+    if model_config.get("head_dim"):
+        return int(model_config["head_dim"])
+    hidden, heads = model_config.get("hidden_size"), model_config.get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
+def cpu_attention_problem(model_config: dict, supported: list[int]) -> str | None:
+    """Why vLLM's CPU attention cannot run this model, in one line, or None when it can. supported: the
+    head sizes its CPU backend accepts (vLLM itself would stop later with an internal error)."""
+    size = head_dim(model_config)
+    if size is None or size in supported:
+        return None
+    hidden, heads = model_config.get("hidden_size"), model_config.get("num_attention_heads")
+    how = f" = hidden_size {hidden} / num_attention_heads {heads}" if hidden and heads and hidden // heads == size else ""
+    return (f"vLLM's CPU attention cannot run this model: its head_dim is {size}{how}, and the CPU backend supports "
+            f"{', '.join(map(str, supported))}; use rollout_engine=hf and eval_engine=hf (generate runs any head size)")
+
+
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention supports, or None off the CPU platform (or where this vLLM
+    build keeps them elsewhere: then vLLM's own check is all there is)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return None
+
+
 def student_weights(model) -> list[tuple[str, torch.Tensor]]:
     """The student's weights under their checkpoint names (what from_pretrained reads), LoRA merged in.
 
     For a peft model the merged weight of every adapted layer is W + delta (peft's own
-    `get_delta_weight`), computed out of place; the adapter tensors themselves are left out.
+    `get_delta_weight`), computed out of place; the adapter tensors themselves are left out. A student sharded
+    with FSDP2 is gathered first (sharding.whole): by every process, or by this one alone inside sharding.gathered.
     """
+    from esrdistill import sharding
+
+    model = sharding.whole(model, everywhere=True)
     if not hasattr(model, "peft_config"):
         return list(model.state_dict().items())
     from peft.tuners.lora import LoraLayer
@@ -75,25 +116,43 @@ def student_weights(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the vLLM engine uses its device (build.vllm_settings makes it from the config's vllm_* keys)."""
+
+    gpu_memory_utilization: float = 0.3  # on CUDA: share of the GPU's memory vLLM may take (the rest trains)
+    kv_cache_gb: float | None = None  # KV-cache size in GiB; None = 1 on CPU, vLLM's own sizing on CUDA
+    sleep: bool = False  # on CUDA: free the engine's memory between samplings (during the teacher and train phases)
+    compile: bool = False  # torch.compile / CUDA graphs (faster generation, minutes to start); False = eager
+
+
 class VLLMEngine:
+    """A rollout engine (rollout.Engine) on vLLM, in this process."""
+
     name = "vllm"
 
     def __init__(self, model_path: str, dtype: torch.dtype, max_model_len: int, seed: int = 0, vocab_size: int | None = None,
-                 gpu_memory_utilization: float = 0.3, kv_cache_gb: float | None = None, sleep: bool = False,
-                 compile: bool = False):
+                 settings: VLLMSettings = VLLMSettings()):
         LLM, self._SamplingParams, self._TokensPrompt = import_vllm()
+        supported = _cpu_head_sizes()
+        config_file = os.path.join(model_path, "config.json")
+        if supported is not None and os.path.isfile(config_file):  # before vLLM starts: its own error is an internal one
+            with open(config_file) as f:
+                problem = cpu_attention_problem(json.load(f), supported)
+            if problem:
+                raise UserError(f"{problem} (model: {model_path})")
         cuda = torch.cuda.is_available()
         kwargs = dict(model=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
-                      seed=seed, max_model_len=max_model_len, enforce_eager=not compile, generation_config="vllm",
+                      seed=seed, max_model_len=max_model_len, enforce_eager=not settings.compile, generation_config="vllm",
                       enable_prefix_caching=True)
-        if kv_cache_gb is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if settings.kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * 2**30)
         if cuda:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = sleep
-        elif kv_cache_gb is None:
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = settings.sleep
+        elif settings.kv_cache_gb is None:
             kwargs["kv_cache_memory_bytes"] = 2**30  # CPU: 1 GiB unless asked otherwise
-        self.sleep_between = sleep and cuda
+        self.sleep_between = settings.sleep and cuda
         self.vocab_size = vocab_size
         threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)

@@ -16,6 +16,15 @@ from esrdistill.evalstats import mean_interval, majority_vote, ngram_repetition,
 from esrdistill.grading import Grader, answer_markers
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How an evaluation draws its samples (build.evaluation makes it from the config's eval_* keys)."""
+
+    sampling: rollout.Sampling  # eval_temperature, eval_top_p, max_new_tokens; the evaluated model's EOS and vocabulary
+    batch_size: int = 16  # eval_batch_size: sequences per engine.sample call
+    samples: int = 1  # eval_samples: samples per problem (avg@n, maj@n, pass@n)
+
+
 @dataclass
 class ProblemResult:
     prompt: str
@@ -121,21 +130,20 @@ def summarise(problems: list[ProblemResult], temperature: float) -> EvalResult:
 
 
 def evaluate(
-    engine,
+    engine: rollout.Engine,
     tokenizer,
     prompt_ids: list[list[int]],
     problems: list[Problem],
     grader: Grader,
-    sampling: rollout.Sampling,
-    batch_size: int = 16,
-    samples: int = 1,
+    settings: EvalSettings,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
-    """Sample `samples` responses per problem (greedy at temperature 0), grade each and the majority.
+    """Sample settings.samples responses per problem (greedy at temperature 0), grade each and the majority.
 
-    engine: a rollout engine (engine_hf.HFEngine, engine_vllm.VLLMEngine) holding the model evaluated.
+    engine: a rollout.Engine (engine_hf.HFEngine, engine_vllm.VLLMEngine) holding the model evaluated.
     """
+    sampling, batch_size, samples = settings.sampling, settings.batch_size, settings.samples
     flat_prompts = [ids for ids in prompt_ids for _ in range(samples)]  # (problem 0 x n, problem 1 x n, ...)
     texts, lengths, ended, token_lists = [], [], [], []
     bar = tqdm(total=len(flat_prompts), desc=desc, disable=not progress, leave=False, unit="seq")
@@ -196,11 +204,11 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
     if not task.eval:
         raise DataError("no evaluation problems: set eval_prompts > 0")
     prompt_set.require("evaluation prompts")
-    sampling = build.eval_sampling(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
+    settings = build.evaluation(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
     if build.eval_engine_kind(cfg) == "vllm":
         longest = max(map(len, prompt_set.student_ids)) + cfg.max_new_tokens
         engine = build.vllm_engine(cfg, models.locate(model, cfg.model_cache), net.dtype, longest, len(tokenizer))
     else:
         engine = HFEngine(net)
-    return evaluate(engine, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, sampling,
-                    cfg.eval_batch_size, cfg.eval_samples, progress=progress, desc=f"eval {view}")
+    return evaluate(engine, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, settings, progress=progress,
+                    desc=f"eval {view}")

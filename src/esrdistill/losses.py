@@ -212,3 +212,58 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: str, denomina
     else:
         raise ValueError(f"unknown loss_norm '{norm}'")
     return total / max(float(denominator), 1.0)
+
+
+# ---- a teacher that gives only its top-K log-probs (served_teacher.py) ------------------------------
+#
+# A served teacher returns, at each position, the log-probs of its K most likely tokens, not its whole
+# distribution. Two ways to compare the student with it, both over a small set of C categories:
+#   tail:   C = K + 1, the K tokens and one bucket for the rest of the vocabulary, on both sides. Merging
+#           tokens into a bucket can only lower an f-divergence (the data-processing inequality), so the
+#           loss is a lower bound on the full-vocabulary one, equal to it when K = V.
+#   renorm: C = K, both distributions renormalised over the K tokens (the student's mass elsewhere is
+#           ignored, so the loss does not push it back onto the teacher's tokens).
+# Both return log-probabilities, so reverse_kl, forward_kl and generalized_jsd above apply unchanged.
+
+TOPK_MODES = ("tail", "renorm")
+TAIL_FLOOR = 1e-8  # the smallest mass a "rest of the vocabulary" bucket is given, on both sides (see topk_teacher)
+
+
+def topk_teacher(teacher_topk_logp: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, K) the teacher's top-K log-probs -> (B, T, C) its log-probs over the C categories of `mode`.
+
+    tail: the K log-probs and log(1 - their mass). The rest is floored at TAIL_FLOOR on both sides: the
+    server's K probabilities can sum to 1 plus a rounding error, and a zero bucket where the student has
+    mass would make the reverse KL infinite. 1 - mass is only known to fp32's ~1e-7 anyway, so the floor
+    hides nothing the teacher's answer holds.
+    renorm: the K log-probs renormalised to sum to one.
+    """
+    if mode == "renorm":
+        return torch.log_softmax(teacher_topk_logp, dim=-1)
+    if mode != "tail":
+        raise ValueError(f"unknown top-K mode '{mode}'")
+    mass = teacher_topk_logp.logsumexp(-1, keepdim=True).exp()  # (B, T, 1)
+    rest = (1.0 - mass).clamp(min=TAIL_FLOOR).log()
+    return torch.cat([teacher_topk_logp, rest], dim=-1)
+
+
+def topk_student(student_logp: torch.Tensor, ids: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, V) student log-probs (with gradient) and (B, T, K) the teacher's top-K ids -> (B, T, C) the
+    student's log-probs over the same C categories as topk_teacher.
+
+    tail: the student's rest is the log-sum-exp over every token not in `ids`, computed directly (not as
+    1 - mass, which loses everything below fp32's 1e-7), floored at TAIL_FLOOR like the teacher's. When
+    `ids` covers the whole vocabulary the rest is empty and is the floor itself, with no gradient.
+    """
+    picked = student_logp.gather(-1, ids)  # (B, T, K)
+    if mode == "renorm":
+        return torch.log_softmax(picked, dim=-1)
+    if mode != "tail":
+        raise ValueError(f"unknown top-K mode '{mode}'")
+    others = student_logp.scatter(-1, ids, float("-inf"))  # (B, T, V): the K tokens removed
+    empty = torch.isneginf(others).all(-1, keepdim=True)  # (B, T, 1): nothing left
+    # logsumexp over only -inf has a NaN gradient: take it over zeros there, and drop it
+    rest = torch.where(empty, torch.zeros((), dtype=others.dtype, device=others.device), others).logsumexp(-1, keepdim=True)
+    floor = math.log(TAIL_FLOOR)
+    rest = torch.where(empty, torch.full_like(rest, floor), rest.clamp(min=floor))
+    return torch.cat([picked, rest], dim=-1)

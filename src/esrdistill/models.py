@@ -180,7 +180,7 @@ def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTo
 
     A teacher whose tokenizer only appends tokens shares the student's whole vocabulary; the
     teacher's extra entries are cut and its distribution renormalised over the shared ones, which the
-    student can all produce. Different tokenizers need the cross-tokenizer path (xteacher.py).
+    student can all produce. Different tokenizers need the cross-tokenizer path (cross_teacher.py).
     """
     if tokenizer_relation(student_tok, teacher_tok) == DIFFERENT:
         raise ModelError(

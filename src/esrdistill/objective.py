@@ -11,12 +11,15 @@ to 1e-5 for every loss).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from esrdistill import losses, selection
-from esrdistill.rollout import head_logits, response_logits
-from esrdistill.teacher import log_probs
+from esrdistill.rollout import Rollouts, head_logits, response_logits
+from esrdistill.teacher import LossSettings, Scores, Teacher, log_probs
 
 
 # the per-token signals of token selection, by the metric names the teachers report them under
@@ -24,22 +27,35 @@ SIGNAL_METRICS = {"reverse_kl": "kl/reverse", "forward_kl": "kl/forward", "teach
                   "student_entropy": "student/entropy"}
 
 
-def micro_batch_loss(student, teacher, scores, prompts, responses: torch.Tensor, mask: torch.Tensor, pad_id: int,
-                     vocab_size: int, autocast, norm: str, denominator: float, chunk: int = 0,
-                     select_rule: str = "prefix", budget: int = 0) -> tuple[torch.Tensor, dict]:
+@dataclass(frozen=True)
+class Student:
+    """The student as the loss sees it."""
+
+    model: torch.nn.Module  # the model being trained (DDP-wrapped under several processes)
+    pad_id: int  # the student tokenizer's padding id
+    vocab_size: int  # the student's vocabulary: logits past it (padding rows of the head) are cut
+    autocast: Callable[[], ContextManager]  # the student's compute context (build.Pair.autocast)
+
+
+def micro_batch_loss(student: Student, teacher: Teacher, scores: Scores, batch: Rollouts, settings: LossSettings,
+                     denominator: float) -> tuple[torch.Tensor, dict]:
     """(this micro-batch's share of the batch loss, with gradient; {metric: sum over its positions}).
 
-    scores: the teacher's Scores of these rows (log-probs, or hidden states when chunk > 0).
-    responses, mask: (b, T) on the CPU; autocast: the student's compute context.
-    select_rule, budget: token selection (selection.py); the metrics cover every counted position,
-    the loss only the selected ones.
+    scores: the teacher's Scores of these rows (log-probs, or hidden states when settings.loss_chunk > 0).
+    batch: the micro-batch's student prompts, and its responses and mask (b, T) on the CPU.
+    settings: loss_norm and `denominator` (losses.reduce_loss: the batch's, not the micro-batch's),
+    loss_chunk, and token selection (token_select, select_tokens: selection.py); the metrics cover
+    every counted position, the loss only the selected ones.
     """
-    device = next(student.parameters()).device
+    model, pad_id, vocab_size, autocast = student.model, student.pad_id, student.vocab_size, student.autocast
+    prompts, responses, mask = batch.prompts, batch.responses, batch.mask
+    norm, chunk, select_rule, budget = settings.loss_norm, settings.loss_chunk, settings.token_select, settings.select_tokens
+    device = next(model.parameters()).device
     tokens = responses.to(device)
     needs_signals = select_rule in selection.SIGNALS
     if not chunk:
         with autocast():
-            logits = response_logits(student, prompts, responses, mask, pad_id)
+            logits = response_logits(model, prompts, responses, mask, pad_id)
         comparison = teacher.compare(log_probs(logits, vocab_size), scores, tokens)
         sums = {k: v.sum().item() for k, v in comparison.metrics.items()}
         per_token, chosen = comparison.per_token, scores.mask.bool()
@@ -51,7 +67,7 @@ def micro_batch_loss(student, teacher, scores, prompts, responses: torch.Tensor,
         return losses.reduce_loss(per_token, chosen.float(), norm, denominator), sums
 
     with autocast():
-        hidden = response_logits(student, prompts, responses, mask, pad_id, hidden=True)  # (b, T, H)
+        hidden = response_logits(model, prompts, responses, mask, pad_id, hidden=True)  # (b, T, H)
     width = hidden.shape[1]
     sums: dict[str, float] = {}
     chosen = scores.mask.bool()
@@ -62,7 +78,7 @@ def micro_batch_loss(student, teacher, scores, prompts, responses: torch.Tensor,
             with torch.no_grad():
                 for start in range(0, width, chunk):
                     positions = slice(start, start + chunk)
-                    metrics = teacher.compare(log_probs(head_logits(student, hidden[:, positions].detach()), vocab_size),
+                    metrics = teacher.compare(log_probs(head_logits(model, hidden[:, positions].detach()), vocab_size),
                                               scores.chunk(positions), tokens[:, positions]).metrics
                     parts.append({name: metrics[key] for name, key in SIGNAL_METRICS.items()})
             signals = {name: torch.cat([p[name] for p in parts], dim=1) for name in SIGNAL_METRICS}
@@ -79,7 +95,7 @@ def micro_batch_loss(student, teacher, scores, prompts, responses: torch.Tensor,
         picked = chosen[:, positions]
 
         def chunk_loss(h: torch.Tensor, start: int = start, part=part, positions=positions, picked=picked) -> torch.Tensor:
-            comparison = teacher.compare(log_probs(head_logits(student, h), vocab_size), part, tokens[:, positions])
+            comparison = teacher.compare(log_probs(head_logits(model, h), vocab_size), part, tokens[:, positions])
             if start not in recorded:  # the backward pass runs this again: count the metrics once
                 recorded.add(start)
                 for key, value in comparison.metrics.items():

@@ -107,7 +107,7 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
         say(f"Distillation did not teach the student here: its accuracy rose by less than {MIN_GAIN * 100:.0f} points"
             + (f". The budget is smaller than the quickstart's ({', '.join(small)}), which may be why." if small else
                f". At the quickstart's own budget this is a failure: per-step figures are in {run_dir}/metrics.jsonl, "
-               "and the README's 'When the student does not learn' says what to look at."))
+               "and docs/not-learning.md says what to look at."))
     say(f"Run directory: {run_dir} (config.yaml, metrics.jsonl, final/, quickstart.json, report.md)")
 
     report = {

@@ -1,5 +1,6 @@
 """Rollouts: what every sampling engine returns, the response mask, and packing prompt + response for
-one forward pass (with the LM head in fp32). The engines are engine_hf.py and engine_vllm.py.
+one forward pass (with the LM head in fp32). `Engine` (at the end) is what an engine implements; the
+engines are engine_hf.py and engine_vllm.py.
 
 Conventions used everywhere in esrdistill:
 - A prompt is a list of token ids (no padding). A batch of prompts is left-padded for generation.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +221,10 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
 
+    def ended(self, eos_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """(B,) bool: the responses that ended with an EOS, before the length limit."""
+        return (torch.isin(self.responses, torch.tensor(eos_ids)) & self.mask.bool()).any(-1)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -235,3 +241,23 @@ class Sampling:
     pad_id: int = 0
     vocab_size: int | None = None  # ids >= vocab_size (padding rows of the LM head) are never sampled
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (forced lengths for benchmarks)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A rollout engine: it samples responses from the model it holds. `hf` (engine_hf.HFEngine: generate
+    on the student itself) and `vllm` (engine_vllm.VLLMEngine); build.engine picks one from the config.
+    Training calls `sample` for each step's rollouts and `sync` after each optimizer step; evaluation and
+    the diagnostics call `sample`."""
+
+    name: str  # the kind: "hf" | "vllm"
+
+    def sample(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None) -> Rollouts:
+        """One response per prompt (B lists of token ids, no padding), at most sampling.max_new_tokens long:
+        Rollouts with responses (B, T) right-padded and their mask (B, T), on the CPU. seeds: one per row,
+        whose sample depends on it alone; None draws from torch's global generator."""
+        ...
+
+    def sync(self, model) -> None:
+        """Give the engine `model`'s current weights (the student's, after an optimizer step)."""
+        ...

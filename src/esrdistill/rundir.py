@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
-from esrdistill import checkpoint, ranks
+from esrdistill import checkpoint, ranks, sharding
 from esrdistill.config import Config, save_config, to_dict
 from esrdistill.tracking import MetricsLogger, read_metrics, rewrite_metrics
 
@@ -47,7 +47,7 @@ def resume(cfg: Config, run_dir: Path, student, optimizer, scheduler, accelerato
     with ranks.fail_together(accelerator):
         found = checkpoint.latest(run_dir) if cfg.resume else None
         if found is not None:
-            step = checkpoint.load(found, student, optimizer, scheduler)
+            step = (sharding.load if sharding.is_sharded(student) else checkpoint.load)(found, student, optimizer, scheduler)
             say(f"Resumed from {found} (step {step})")
             return step
         if cfg.resume:

@@ -4,16 +4,19 @@
     scores = teacher.score(plan, rows, width)               # the teacher's log-probs, no grad
     comparison = teacher.compare(student_logp, scores, tokens)   # per-token loss and metrics
 
-`SameTokenizer` (here) scores the student's own ids: the teacher shares the student's vocabulary (or
-appends tokens to it). `CrossTokenizer` (xteacher.py) re-reads the student's text with the teacher's
-tokenizer and compares the two on the tokens they share. The training loop calls the same names
-whatever the teacher is.
+`Teacher` (below) states that interface once. `SameTokenizer` (here) scores the student's own ids:
+the teacher shares the student's vocabulary (or appends tokens to it). `CrossTokenizer` (cross_teacher.py)
+re-reads the student's text with the teacher's tokenizer and compares the two on the tokens they
+share. `ServedTeacher` (served_teacher.py) asks a vLLM server for its top-K log-probs of the student's
+ids. The training loop calls the same names whatever the teacher is; a new kind of teacher
+implements `Teacher` and nothing else.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -100,14 +103,55 @@ class Comparison:
     metrics: dict[str, torch.Tensor]  # metric name -> (b, T) values, averaged over counted positions when logged
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossSettings:
-    """The loss settings a teacher compares with (from the config)."""
+    """The loss and which tokens carry it (build.loss_settings makes it from the config's keys of the same
+    names). A teacher compares with the first four; objective.micro_batch_loss reduces with the rest."""
 
-    loss: str = "reverse_kl"
-    jsd_beta: float = 0.5
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | sampled
+    jsd_beta: float = 0.5  # jsd only: weight of the teacher in the mixture
     temperature: float = 1.0  # of the rollouts (the sampled loss weights by it)
-    top_p: float = 1.0
+    top_p: float = 1.0  # of the rollouts (the sampled loss keeps their nucleus)
+    loss_norm: str = "trajectory"  # trajectory | token: how the batch loss is averaged (losses.reduce_loss)
+    loss_chunk: int = 0  # positions per chunk of the loss, recomputed in backward; 0 = the whole response at once
+    token_select: str = "prefix"  # selection.py's rule of which counted positions carry the loss
+    select_tokens: int = 100  # token_select other than prefix: positions per trajectory that carry the loss
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What the training loop, the loss and the diagnostics call on a teacher, whatever its kind:
+    `SameTokenizer` (here), `CrossTokenizer` (cross_teacher.py), `ServedTeacher` (served_teacher.py: a vLLM
+    server's top-K log-probs). build.teacher picks one from the config.
+
+    B rows, T student response positions (b rows and T' <= T positions for one micro-batch), V the
+    student's vocabulary, C the space the two are compared in (V, or the shared units across
+    tokenizers), H the teacher's hidden size.
+    """
+
+    kind: str  # "same" | "cross" | "served"
+    constant_metrics: dict[str, float]  # figures fixed for the run (xtok/vocab_mapped), logged with every step
+
+    def plan(self, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor) -> Plan:
+        """What the teacher reads for one batch of rollouts. prompts: the teacher's own prompt ids, one per
+        row; responses, mask: (B, T) the student's response ids and response mask, on the CPU. The plan's
+        mask (B, T) marks the student positions that have a teacher signal."""
+        ...
+
+    def score(self, plan: Plan, rows: list[int], width: int, hidden: bool = False) -> Scores:
+        """The teacher's view of rows `rows`, student positions :width, without gradient: log-probs
+        (b, T', C) and the mask (b, T') of the positions that count; hidden=True: hidden states
+        (b, T', H) instead, projected chunk by chunk by the chunked loss."""
+        ...
+
+    def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T', V) student log-probs -> (student, teacher) log-probs over the same space, (b, T', C) each."""
+        ...
+
+    def compare(self, student_logp: torch.Tensor, scores: Scores, tokens: torch.Tensor) -> Comparison:
+        """The per-token loss (b, T'), with the gradient of `student_logp` (b, T', V), and the metrics
+        {name: (b, T')}. tokens: (b, T') the sampled ids, on the student's device."""
+        ...
 
 
 def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
@@ -131,14 +175,14 @@ def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, m
             # The student's probability of the teacher's top-1 token, and where the teacher is sure
             # (>= 50%) of a token the student gives < 1%: there the reverse KL's gradient pulls toward
             # the teacher's choice in proportion to that tiny probability (d KL / d z_v = p_v (r_v - KL)),
-            # so reverse KL alone barely moves the student (README: When the student does not learn).
+            # so reverse KL alone barely moves the student (docs/not-learning.md).
             "agree/teacher_top1_prob": torch.where(counted, top1_prob, 0.0),
             "agree/teacher_top1_missed": ((teacher_top1.values >= math.log(0.5)) & (top1_prob < 0.01) & counted).float(),
         }
 
 
 class SameTokenizer:
-    """A teacher that reads the student's own token ids (the same tokenizer, or one that appends tokens)."""
+    """A Teacher that reads the student's own token ids (the same tokenizer, or one that appends tokens)."""
 
     kind = "same"
     constant_metrics: dict[str, float] = {}

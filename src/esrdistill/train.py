@@ -13,9 +13,10 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -24,10 +25,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, objective, order, ranks, rollout, rundir, selection
+from esrdistill import build, checkpoint, objective, order, ranks, rollout, rundir, selection, sharding
 from esrdistill.config import Config, ConfigError
 from esrdistill.errors import UserError
-from esrdistill.evaluate import evaluate
+from esrdistill.evaluate import EvalSettings, evaluate
+from esrdistill.stepmetrics import step_metrics, step_warnings
+from esrdistill.teacher import LossSettings, Teacher
 from esrdistill.tracking import PhaseTimer, peak_memory_mb, reset_peak_memory
 
 
@@ -85,6 +88,22 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+def _optimisation(cfg: Config, model: torch.nn.Module, accelerator: Accelerator):
+    """(the student as trained: DDP-wrapped under several processes, sharded in place under an FSDP accelerate
+    config; the student itself, for generate, saving and evaluation; AdamW over its trainable parameters (over
+    this process's shards under FSDP2); the warmup-then-cosine schedule)."""
+    if sharded := sharding.requested():  # (checked in _setup)
+        with ranks.fail_together(accelerator):
+            model = sharding.shard(model, accelerator.device, accelerator.num_processes)
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+    # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    if sharded:  # FSDP2 averages the gradients itself, as DDP does
+        return model, model, optimizer, scheduler
+    student, optimizer = accelerator.prepare(model, optimizer)
+    return student, accelerator.unwrap_model(student), optimizer, scheduler
+
+
 @dataclass
 class _Setup:
     """What the loop needs, built from the config once."""
@@ -92,12 +111,13 @@ class _Setup:
     cfg: Config  # the config with rollout_tokens=auto resolved
     run_dir: Path
     pair: build.Pair
-    teacher: object  # teacher.SameTokenizer or xteacher.CrossTokenizer
+    teacher: Teacher  # teacher.SameTokenizer or cross_teacher.CrossTokenizer
     train_set: object  # prompts.PromptSet
     eval_set: object
     grade: object
     sampling: rollout.Sampling  # the rollouts'
-    eval_sampling: rollout.Sampling
+    evaluation: EvalSettings  # how the student is evaluated
+    loss: LossSettings  # the loss and the token selection
 
 
 def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
@@ -108,6 +128,8 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
             raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
         if cfg.batch_size % procs:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {procs} processes")
+        if sharding.requested():  # an FSDP accelerate config: refused now if esrdistill cannot follow it
+            sharding.check(cfg, procs)
         run_dir = rundir.check(cfg, say) if is_main else Path(cfg.run_dir).expanduser()
         task = build.task(cfg)
         grade = build.grader(cfg, task)  # a bad grader fails here, before minutes of model loading
@@ -151,7 +173,7 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
             "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
     return _Setup(cfg=cfg, run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
                   sampling=build.rollout_sampling(cfg, pair, rollout_len),
-                  eval_sampling=build.eval_sampling(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size))
+                  evaluation=build.evaluation(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size), loss=build.loss_settings(cfg))
 
 
 def train(cfg: Config, log=tqdm.write) -> Path:
@@ -161,29 +183,23 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     say = log if is_main else (lambda message: None)
     run = _setup(cfg, accelerator, say)
     cfg, run_dir, pair, teacher, train_set = run.cfg, run.run_dir, run.pair, run.teacher, run.train_set
-    pad_id = pair.tokenizer.pad_token_id
 
     # ---- optimisation, resume --------------------------------------------------------------------
-    params = [p for p in pair.student.parameters() if p.requires_grad]
-    optimizer = _adamw(params, cfg.lr, cfg.weight_decay)
-    # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
-    student, optimizer = accelerator.prepare(pair.student, optimizer)
-    plain_student = accelerator.unwrap_model(student)  # for generate, saving and evaluation
+    student, plain_student, optimizer, scheduler = _optimisation(cfg, pair.student, accelerator)
+    learner = objective.Student(student, pair.tokenizer.pad_token_id, pair.vocab_size, pair.autocast)  # what the loss runs
     start_step = rundir.resume(cfg, run_dir, plain_student, optimizer, scheduler, accelerator, say)
     # the rollouts' sampler: generate on the student, or vLLM given the (resumed) student's weights
     longest = max(map(len, train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
-    engine = build.engine(cfg, pair, plain_student, longest)
-    eval_engine = engine if build.eval_engine_kind(cfg) == engine.name else None  # another kind is built when first needed
+    engine: rollout.Engine = sharding.gathering(build.engine(cfg, pair, plain_student, longest), plain_student)
+    evaluator = _Evaluator(run, plain_student, engine, longest)
     with ranks.fail_together(accelerator):  # everything is built: only now is the run's record touched
         logger, best = rundir.open_record(cfg, run_dir, start_step, is_main, say)
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
     last_saved, skipped_in_row, warned, missed, save_timer = start_step, 0, set(), [], PhaseTimer()
-    with _InterruptFlag(several_processes=procs > 1) as interrupt:
+    with _InterruptFlag(several_processes=procs > 1) as interrupt, _closing(bar, logger):  # however the loop ends
         for step in range(start_step, cfg.steps):
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
+            timer, step_start = PhaseTimer(), time.perf_counter()
             reset_peak_memory(device)
             set_seed(order.step_seed(cfg.seed, step, accelerator.process_index))
             positions = range(accelerator.process_index, cfg.batch_size, procs)  # this process's share of the batch
@@ -202,30 +218,24 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             with timer("align"):  # nothing to do for a shared tokenizer; across tokenizers, text and alignment
                 plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
             counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a teacher signal, all processes
-            selected = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum().float()
-            selected = accelerator.reduce(selected.to(device), "sum").item()  # positions that carry the loss
+            loss_tokens = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()  # on this process
+            selected = accelerator.reduce(loss_tokens.float().to(device), "sum").item()  # positions that carry the loss, all processes
             denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else selected
 
             # ---- 3-4. per micro-batch: teacher scores, student loss, backward ----------------------
             student.train()
             sums = {"loss": 0.0, "response_tokens": float(batch.mask.sum()), "prompt_tokens": float(sum(map(len, student_prompts))),
-                    "loss_tokens": float(selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()),
-                    "ended": float((torch.isin(batch.responses, torch.tensor(pair.eos_ids)) & batch.mask.bool()).any(-1).sum())}
+                    "loss_tokens": float(loss_tokens), "ended": float(batch.ended(pair.eos_ids).sum())}
             groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
             for i, idx in enumerate(groups):
-                width = int(batch.lengths[idx].max())  # drop the padding past this group's longest response
-                responses, mask_cpu = batch.responses[idx, :width], batch.mask[idx, :width]  # (b, T')
+                width = int(batch.lengths[idx].max())  # T': drop the padding past this group's longest response
+                micro = rollout.Rollouts([student_prompts[j] for j in idx], batch.responses[idx, :width], batch.mask[idx, :width])
                 with timer("teacher"):
                     scores = teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
-                with timer("train"):
-                    sync = accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext()
-                    with sync:
-                        loss, metric_sums = objective.micro_batch_loss(
-                            student, teacher, scores, [student_prompts[j] for j in idx], responses, mask_cpu, pad_id,
-                            pair.vocab_size, pair.autocast, cfg.loss_norm, denominator, cfg.loss_chunk, cfg.token_select,
-                            cfg.select_tokens)
-                        # DDP averages gradients over processes; scaling by their number makes it a sum.
-                        accelerator.backward(loss * procs)
+                with timer("train"), accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext():
+                    loss, metric_sums = objective.micro_batch_loss(learner, teacher, scores, micro, run.loss, denominator)
+                    # DDP and FSDP2 average gradients over processes (in the last backward); scaling by their number makes it a sum.
+                    accelerator.backward(loss * procs)
                     sums["loss"] += loss.item()
                     for key, value in metric_sums.items():
                         sums[key] = sums.get(key, 0.0) + value
@@ -253,137 +263,129 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 say(f"Warning: step {done} skipped: loss {totals['loss']}, gradient norm {grad_norm} "
                     f"({skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
 
-            # ---- 6. log, evaluate, checkpoint ------------------------------------------------------
-            metrics = _step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
+            # ---- 6. log, evaluate, checkpoint, stop ------------------------------------------------
+            metrics = step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
             metrics.update({"rollout/k": k, "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
                             "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
             missed.append(metrics.get("agree/teacher_top1_missed", 0.0))
-            for warning in _warnings(cfg, done, metrics, missed, warned):
+            for warning in step_warnings(cfg, done, metrics, missed, warned):
                 say(warning)
             new_best = False
             if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
-                with timer("eval"):
+                with timer("eval"), sharding.gathered(plain_student):  # every process gathers a sharded student
                     if is_main:
-                        if eval_engine is None or eval_engine is not engine:
-                            eval_engine = eval_engine or build.engine(cfg, pair, plain_student, longest, build.eval_engine_kind(cfg))
-                            eval_engine.sync(plain_student)
-                        result = evaluate(eval_engine, pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems,
-                                          run.grade, run.eval_sampling, cfg.eval_batch_size, cfg.eval_samples,
-                                          progress=cfg.progress)
-                        result.save(run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
-                        metrics.update(result.metrics("eval"))
-                        if result.accuracy > best["accuracy"]:
-                            best, new_best = {"step": done, "accuracy": result.accuracy}, True
-                        metrics["eval/best_step"] = best["step"]
+                        best, new_best = evaluator.run(done, best, metrics)  # adds the eval/ figures to metrics
                     new_best = ranks.any_process(accelerator, new_best)  # every process joins the save of a new best
-            # time/save_s: the checkpoint written after the previous step's row
-            metrics.update({f"time/{phase}_s": s for phase, s in {**save_timer.seconds, **timer.seconds}.items()})
-            metrics["time/step_s"] = time.perf_counter() - step_start
-            metrics["mem/peak_mb"] = peak_memory_mb(device)
+            metrics.update(_timings(save_timer, timer, step_start, device))  # time/save_s: the previous step's checkpoint
             if logger is not None:  # before the checkpoint: a kill between the two loses no row (resume trims later ones)
                 logger.log(done, metrics)
             save_timer = PhaseTimer()
             if cfg.save_every and (done % cfg.save_every == 0 or new_best):  # the best evaluation keeps its checkpoint
                 with save_timer("save"):
-                    if is_main:
-                        checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
-                    last_saved = done
-                    accelerator.wait_for_everyone()
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl/reverse']:.4f}",
-                            len=f"{metrics['rollout/len_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
+                    _save(accelerator, run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
+                last_saved = done
+            _show(bar, metrics)
             if skipped_in_row >= cfg.max_skipped_steps:
-                bar.close()
-                if logger is not None:
-                    logger.close()
-                saved = checkpoint.latest(run_dir)
-                raise TrainingDiverged(
-                    f"{skipped_in_row} steps in a row had a non-finite loss or gradient (last: step {done}); stopping. "
-                    f"The weights were never updated with them; the newest checkpoint is {saved or 'none'}. Lower lr, "
-                    f"check the data, or raise max_skipped_steps"
-                )
+                raise _diverged(run_dir, skipped_in_row, done)
             if ranks.any_process(accelerator, interrupt.set):  # a Ctrl-C on any process stops all after this step
-                path = checkpoint.latest(run_dir)
-                if last_saved != done and is_main:
-                    path = checkpoint.save(run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
-                accelerator.wait_for_everyone()
-                bar.close()
-                if logger is not None:
-                    logger.close()
-                raise TrainingInterrupted(done, path or checkpoint.checkpoints_root(run_dir) / f"step_{done:07d}")
-    bar.close()
+                saved = checkpoint.latest(run_dir)
+                if last_saved != done:
+                    saved = _save(accelerator, run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints,
+                                  best["step"]) or saved
+                raise TrainingInterrupted(done, saved or checkpoint.checkpoints_root(run_dir) / f"step_{done:07d}")
 
     # ---- final model -----------------------------------------------------------------------------
+    final_student = sharding.whole(plain_student)  # sharded: gathered on the first process (every process joins)
     if is_main:
-        checkpoint.save_final(run_dir / "final", plain_student, pair.tokenizer, cfg.merge_lora, build.final_dtype(cfg, pair))
-        best_checkpoint = checkpoint.find(run_dir, best["step"]) if best["step"] else None
-        summary = {"steps": cfg.steps, "best_eval_step": best["step"], "best_eval_accuracy": best["accuracy"] if best["step"] else None,
-                   "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.close()
+        _save_final(cfg, run_dir, final_student, pair, best)
         log(f"Final student saved to {run_dir / 'final'}")
     accelerator.wait_for_everyone()
     return run_dir
 
 
-# Across tokenizers, the loss sees only the student positions paired with a teacher position
-# (xtok/aligned_frac); under this share, much of each rollout teaches nothing.
-MIN_ALIGNED_FRAC = 0.5
+# ---- phase 6: evaluate, save, log, stop ----------------------------------------------------------------
 
-# Reverse KL's gradient pulls a student toward the teacher's choice in proportion to the student's own
-# probability of it: where the teacher is sure of a token the student all but excludes, reverse KL
-# barely moves it (README: When the student does not learn). Warn when such positions stay common.
-STUCK_SHARE, STUCK_STEPS = 0.02, 10
+class _Evaluator:
+    """Evaluations of the student during training, on the first process. They sample with the rollouts'
+    engine when eval_engine is its kind, else with an engine of eval_engine's kind, built when first
+    needed and given the student's current weights before each evaluation."""
+
+    def __init__(self, run: _Setup, student, engine: rollout.Engine, longest: int):
+        self.setup, self.student, self.longest, self.rollouts_engine = run, student, longest, engine
+        self.engine = engine if build.eval_engine_kind(run.cfg) == engine.name else None
+
+    def run(self, done: int, best: dict, metrics: dict) -> tuple[dict, bool]:
+        """Evaluate the student after step `done`, save the result to run_dir/eval and add its eval/ figures
+        to `metrics`. Returns (the best evaluation so far, {"step", "accuracy"}; whether this one is it)."""
+        run, cfg = self.setup, self.setup.cfg
+        if self.engine is not self.rollouts_engine:
+            self.engine = self.engine or build.engine(cfg, run.pair, self.student, self.longest, build.eval_engine_kind(cfg))
+            self.engine.sync(self.student)
+        result = evaluate(self.engine, run.pair.tokenizer, run.eval_set.student_ids, run.eval_set.problems, run.grade,
+                          run.evaluation, progress=cfg.progress)
+        result.save(run.run_dir / "eval" / f"step_{done:07d}.json", title=f"Student after step {done}")
+        metrics.update(result.metrics("eval"))
+        new_best = result.accuracy > best["accuracy"]
+        if new_best:
+            best = {"step": done, "accuracy": result.accuracy}
+        metrics["eval/best_step"] = best["step"]
+        return best, new_best
 
 
-def _warnings(cfg: Config, done: int, metrics: dict, missed: list[float], warned: set) -> list[str]:
-    """Warnings about this step's figures, each said once per run. missed: agree/teacher_top1_missed of
-    every step of this process's run so far."""
-    out = []
-    for side in ("student", "teacher"):
-        mass = metrics.get(f"xtok/{side}_mapped_mass")
-        if mass is not None and mass < cfg.xtok_min_mapped_mass and side not in warned:
-            warned.add(side)
-            out.append(f"Warning: at step {done} the {side} puts only {mass:.1%} of its probability on tokens the other "
-                       f"vocabulary shares (xtok/{side}_mapped_mass); the loss sees only that part")
-    aligned = metrics.get("xtok/aligned_frac")
-    if aligned is not None and aligned < MIN_ALIGNED_FRAC and "aligned" not in warned:
-        warned.add("aligned")
-        out.append(f"Warning: at step {done} only {aligned:.1%} of the response positions have a teacher position with the "
-                   f"same context (xtok/aligned_frac); the loss sees only those (xtok_align=middle pairs every token with text)")
-    if cfg.loss in ("reverse_kl", "sampled") and len(missed) >= STUCK_STEPS and "stuck" not in warned:
-        first, recent = sum(missed[:5]) / 5, sum(missed[-5:]) / 5
-        if recent >= STUCK_SHARE and recent > first / 2:
-            warned.add("stuck")
-            out.append(f"Warning: after {done} steps, at {recent:.1%} of the positions the teacher is sure (>= 50%) of a token "
-                       f"the student gives < 1% (agree/teacher_top1_missed; {first:.1%} in the first 5 steps). loss={cfg.loss} "
-                       "pulls the student toward such a token only in proportion to that tiny probability, so it may never "
-                       "learn it; loss=forward_kl pulls in proportion to the teacher's (README: When the student does not learn)")
+def _save(accelerator: Accelerator, run_dir: Path, done: int, student, optimizer, scheduler, keep: int,
+          best_step: int | None) -> Path | None:
+    """Checkpoint step `done` (keeping the newest `keep` and the best evaluation's): the first process
+    writes it while the others wait (a sharded student and optimizer are gathered to it first). Returns its path
+    on the first process, None on the others."""
+    if sharding.is_sharded(student):
+        student, optimizer = sharding.whole(student), sharding.WholeOptimizer(student, optimizer)
+    path = checkpoint.save(run_dir, done, student, optimizer, scheduler, keep, best_step) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _timings(save_timer: PhaseTimer, timer: PhaseTimer, step_start: float, device: torch.device) -> dict[str, float]:
+    """time/<phase>_s of this step (time/save_s: the checkpoint written after the previous step's row),
+    time/step_s and mem/peak_mb."""
+    out = {f"time/{phase}_s": s for phase, s in {**save_timer.seconds, **timer.seconds}.items()}
+    out["time/step_s"] = time.perf_counter() - step_start
+    out["mem/peak_mb"] = peak_memory_mb(device)
     return out
 
 
-def _step_metrics(totals: dict[str, float], counted: float, batch_size: int, constant: dict[str, float]) -> dict:
-    """The logged figures of one step from the sums over every process.
+def _show(bar, metrics: dict) -> None:
+    """One more step on the progress bar, with its loss, reverse KL, rollout length and seconds."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl/reverse']:.4f}",
+                    len=f"{metrics['rollout/len_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
 
-    Per-position metrics (kl/..., agree/..., teacher/..., xtok/..._mass) are means over `counted`, every
-    position with a teacher signal, whether token selection gives it the loss or not (the select/
-    metrics split them); `name:num` / `name:den` pairs become their ratio.
-    """
-    out = {"loss": totals["loss"]}
-    for key, value in totals.items():
-        if "/" in key and not key.endswith((":num", ":den")) and not key.startswith("select/"):
-            out[key] = value / max(counted, 1)
-        elif key.endswith(":num"):
-            name = key[: -len(":num")]
-            out[name] = value / max(totals[name + ":den"], 1)
-    out.update(selection.summarise(totals))
-    out["loss/tokens"] = int(totals["loss_tokens"])  # positions that carried the loss
-    tokens = totals["response_tokens"]
-    out.update({
-        "rollout/len_mean": tokens / batch_size,
-        "rollout/eos_frac": totals["ended"] / batch_size,  # rollouts that ended before the length limit
-        "rollout/tokens": int(tokens),
-        "rollout/prompt_tokens": int(totals["prompt_tokens"]),
-        **constant,
-    })
-    return out
+
+@contextmanager
+def _closing(bar, logger) -> Iterator[None]:
+    """Close the progress bar and the metrics log however the loop ends: after its last step, or on
+    TrainingDiverged, TrainingInterrupted or any error."""
+    try:
+        yield
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+
+
+def _diverged(run_dir: Path, skipped_in_row: int, done: int) -> TrainingDiverged:
+    """The error that stops a run after `skipped_in_row` non-finite steps, naming its newest checkpoint."""
+    saved = checkpoint.latest(run_dir)
+    return TrainingDiverged(
+        f"{skipped_in_row} steps in a row had a non-finite loss or gradient (last: step {done}); stopping. "
+        f"The weights were never updated with them; the newest checkpoint is {saved or 'none'}. Lower lr, "
+        f"check the data, or raise max_skipped_steps"
+    )
+
+
+def _save_final(cfg: Config, run_dir: Path, student, pair: build.Pair, best: dict) -> None:
+    """final/ (the trained student, loadable with from_pretrained) and summary.json (the best evaluation)."""
+    checkpoint.save_final(run_dir / "final", student, pair.tokenizer, cfg.merge_lora, build.final_dtype(cfg, pair))
+    best_checkpoint = checkpoint.find(run_dir, best["step"]) if best["step"] else None
+    summary = {"steps": cfg.steps, "best_eval_step": best["step"], "best_eval_accuracy": best["accuracy"] if best["step"] else None,
+               "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -12,6 +12,8 @@ Losses (`xtok_loss`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from esrdistill import losses, xtok
@@ -22,21 +24,33 @@ from esrdistill.teacher import Comparison, LossSettings, Plan, Scores, divergenc
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 
 
+@dataclass(frozen=True)
+class XtokSettings:
+    """How a teacher with another tokenizer is aligned and compared (build.xtok_settings makes it from the
+    config's xtok_* keys)."""
+
+    loss: str = "matched_kl"  # xtok_loss: matched_kl | uld | hybrid
+    align: str = xtok.START  # xtok_align: start | middle (xtok.align_row)
+    teacher_floor: float = -20.0  # xtok_teacher_floor: the teacher's log-probs on the shared units are floored here
+    uld_weight: float = 1.0  # xtok_uld_weight: hybrid's weight of ULD on the unmapped tokens
+
+
 class CrossTokenizer:
+    """A teacher (teacher.Teacher) that re-reads the student's text with its own tokenizer."""
+
     kind = "cross"
 
     def __init__(self, model, student_tokenizer, teacher_tokenizer, student_eos: list[int], teacher_eos: list[int],
-                 micro_batch: int, settings: LossSettings, xtok_loss: str = "matched_kl", align: str = xtok.START,
-                 floor: float = -20.0, uld_weight: float = 1.0, prefix=None):
+                 micro_batch: int, settings: LossSettings, xtok_settings: XtokSettings = XtokSettings(), prefix=None):
         if settings.loss == "sampled":
             raise UserError("loss=sampled needs the teacher's probability of each sampled student token, which a teacher "
                             "with another tokenizer does not give: use reverse_kl, forward_kl or jsd (on the shared tokens)")
-        if xtok_loss == "uld" and settings.loss != "reverse_kl":
+        if xtok_settings.loss == "uld" and settings.loss != "reverse_kl":
             raise UserError(f"xtok_loss=uld compares sorted probabilities and has no use for loss={settings.loss}: "
                             "use xtok_loss=matched_kl or hybrid to apply it to the shared tokens")
         self.model, self.settings, self.micro_batch, self.prefix = model, settings, micro_batch, prefix
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
-        self.xtok_loss, self.align, self.floor, self.uld_weight = xtok_loss, align, floor, uld_weight
+        self.xtok = xtok_settings
         self.student_bytes, student_special = xtok.token_bytes(student_tokenizer)
         self.teacher_bytes, teacher_special = xtok.token_bytes(teacher_tokenizer)
         self.teacher_prefix = xtok.dummy_prefix(teacher_tokenizer, self.teacher_bytes)  # b" " for Llama-2 style
@@ -78,7 +92,7 @@ class CrossTokenizer:
                                                                 b"".join(self.teacher_bytes[i] for i in t_ids), data,
                                                                 self.teacher_prefix)
             ok = xtok.common_prefix(t_data, data)
-            pairs = xtok.align_row(lengths, [i in self.student_eos for i in ids], special, valid, t_lengths, ok, self.align,
+            pairs = xtok.align_row(lengths, [i in self.student_eos for i in ids], special, valid, t_lengths, ok, self.xtok.align,
                                    teacher_first=int(dropped))
             positions[b, : len(pairs)] = torch.tensor(pairs, dtype=torch.long)
             teacher_rows.append(list(t_ids) + [self.teacher_end])  # the last position predicts what follows the text
@@ -120,9 +134,9 @@ class CrossTokenizer:
         units, mass = xtok.renormalise(xtok.unit_logp(aligned, self.map.teacher_primary, self.map.teacher_extra_units,
                                                       self.map.teacher_extra_ids))
         extra = {"teacher_mass": mass}
-        if self.xtok_loss != "matched_kl":
+        if self.xtok.loss != "matched_kl":
             extra["teacher_full"] = aligned
-        return Scores(logp=units.clamp(min=self.floor), mask=mask, extra=extra)
+        return Scores(logp=units.clamp(min=self.xtok.teacher_floor), mask=mask, extra=extra)
 
     # ---- 3. the loss ---------------------------------------------------------------------------------
     def student_units(self, student_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,16 +152,16 @@ class CrossTokenizer:
         s, mask = self.settings, scores.mask
         student_units, student_mass = self.student_units(student_logp)
         matched = None
-        if self.xtok_loss in ("matched_kl", "hybrid"):
+        if self.xtok.loss in ("matched_kl", "hybrid"):
             matched = losses.per_token_loss(s.loss, student_units, scores.logp, tokens, mask, s.jsd_beta)
-        if self.xtok_loss == "matched_kl":
+        if self.xtok.loss == "matched_kl":
             per_token = matched
-        elif self.xtok_loss == "uld":
+        elif self.xtok.loss == "uld":
             per_token = losses.uld(student_logp.exp(), scores.extra["teacher_full"].exp(), mask)
         else:
             rest = losses.uld(student_logp.exp()[..., self.student_unmapped],
                               scores.extra["teacher_full"].exp()[..., self.teacher_unmapped], mask)
-            per_token = matched + self.uld_weight * rest
+            per_token = matched + self.xtok.uld_weight * rest
         reuse = matched if (matched is not None and s.loss == "reverse_kl") else None
         metrics = divergence_metrics(student_units, scores.logp, mask, reuse)
         counted = mask.bool()

