@@ -112,17 +112,17 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step_and_resumes_exactl
     """SIGINT reaches process 1 only: both processes still stop after the same step (the flag is shared),
     one checkpoint is written, and resuming ends exactly where an uninterrupted 2-process run ends."""
     student, teacher = tiny_dirs
-    common = dict(steps=6, lora_r=4, lr=1e-2, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=0)
+    common = dict(steps=16, lora_r=4, lr=1e-2, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=0)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert launch_two(tiny_overrides(student, teacher, straight, **common)).returncode == 0
 
     stderr, done = interrupt_process_1(launch_two, tiny_overrides(student, teacher, resumed, **common))
     assert "interrupted after step" in stderr
-    assert 1 <= done < 6
+    assert 1 <= done < 16  # 16 steps: room for the signal to land before the end on a fast machine
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == [f"step_{done:07d}"]
     result = launch_two(tiny_overrides(student, teacher, resumed, resume=True, **common))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [m["step"] for m in tracking.read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in tracking.read_metrics(resumed)] == list(range(1, 17))
     assert [m["loss"] for m in tracking.read_metrics(resumed)] == pytest.approx(
         [m["loss"] for m in tracking.read_metrics(straight)], rel=1e-6)
 
