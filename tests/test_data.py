@@ -16,6 +16,22 @@ def test_reasoning_gym_split_is_disjoint_and_stable():
     assert a.is_reasoning_gym and a.eval[0].answer == str(a.eval[0].row["answer"])
 
 
+def test_a_mixture_of_reasoning_gym_tasks_from_dataset_options_is_graded_per_task():
+    options = {"datasets": [{"name": "products", "weight": 1, "config": {"min_digits": 1, "max_digits": 1}},
+                            {"name": "leg_counting", "weight": 1}]}
+    task = load_task("reasoning_gym:composite", num_prompts=30, eval_prompts=5, seed=0, options=options)
+    sources = {p.row["metadata"]["source_dataset"] for p in task.train}
+    assert sources == {"products", "leg_counting"}  # the field a teacher_field routes by
+    assert all(task.source.score_answer(p.answer, p.row) == 1.0 for p in task.train + task.eval)
+    assert not any(task.source.score_answer("-1", p.row) == 1.0 for p in task.eval)
+    for bad, message in [({"datasets": "products"}, "needs dataset_options {datasets:"),
+                         ({"datasets": [{"name": "products"}, {"name": "products"}]}, "names a task twice"),
+                         ({"datasets": [{"name": "prodcts"}]}, "no task 'prodcts'"),
+                         ({"datasets": [{"name": "products", "config": {"min_digitz": 1}}]}, "rejected dataset_options")]:
+        with pytest.raises(DataError, match=message):
+            load_task("reasoning_gym:composite", num_prompts=4, options=bad)
+
+
 def test_unknown_reasoning_gym_task_suggests():
     with pytest.raises(DataError, match="no task 'chain_sums'.*chain_sum"):
         load_task("reasoning_gym:chain_sums", num_prompts=2)

@@ -114,7 +114,8 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step_and_resumes_exactl
     student, teacher = tiny_dirs
     common = dict(steps=16, lora_r=4, lr=1e-2, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=0)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert launch_two(tiny_overrides(student, teacher, straight, **common)).returncode == 0
+    done = launch_two(tiny_overrides(student, teacher, straight, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
 
     stderr, done = interrupt_process_1(launch_two, tiny_overrides(student, teacher, resumed, **common))
     assert "interrupted after step" in stderr
@@ -168,3 +169,20 @@ def test_a_new_best_evaluation_between_regular_saves_is_saved_by_every_process(t
     assert job.returncode == 0, stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001", "step_0000003"]
     assert [m["eval/best_step"] for m in tracking.read_metrics(run)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("argv", [["train", "steps=0"], ["train", "--help-config"]])
+def test_the_command_leaves_its_process_group_before_it_returns(tmp_path, argv):
+    """Left to the interpreter's exit, gloo's threads can abort a process whose run succeeded (SIGABRT); the
+    command destroys the group itself, whatever it returned (a config error here)."""
+    import torch.distributed as dist
+
+    from esrdistill.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        main(argv)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

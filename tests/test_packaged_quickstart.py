@@ -63,3 +63,24 @@ def test_quickstart_smoke_with_tiny_budgets(model_cache, tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["rollout/len_mean"] <= 4 for m in metrics)
     assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step_0000002").is_dir()
+
+
+@needs_package
+def test_quickstart_teachers_reports_each_tasks_figures_with_tiny_budgets(model_cache, tmp_path, capsys):
+    from esrdistill import cli
+
+    run = tmp_path / "qs"
+    code = cli.main(["quickstart", "teachers", f"run_dir={run}", f"model_cache={model_cache}", "steps=2", "eval_prompts=6",
+                     "batch_size=4", "micro_batch_size=2", "rollout_tokens=4", "max_new_tokens=8", "progress=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| rows whose source_dataset is | problems |" in out and "| products |" in out and "| basic_arithmetic |" in out
+    report = json.loads((run / "quickstart.json").read_text())
+    parts = report["per_teacher"]
+    assert sorted(parts) == ["basic_arithmetic", "products"]
+    assert sum(p["problems"] for p in parts.values()) == report["eval_problems"] == 6
+    for key in ("teacher_before", "student_before", "student_after"):  # the whole set: the parts' problems together
+        weighted = sum(p[key] * p["problems"] for p in parts.values()) / 6
+        assert report[key]["accuracy"] == pytest.approx(weighted)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["teacher/rows/basic_arithmetic"] + m["teacher/rows/products"] == 4 for m in metrics)

@@ -90,7 +90,8 @@ def test_an_interrupted_fsdp2_run_resumes_to_the_uninterrupted_one(tiny_dirs, tm
     common = dict(steps=16, lora_r=lora_r, lr=1e-3 if lora_r == 0 else 1e-2, temperature=1e-4, batch_size=4,
                   micro_batch_size=2, save_every=0)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert launch_fsdp2(tiny_overrides(student, teacher, straight, **common)).returncode == 0
+    done = launch_fsdp2(tiny_overrides(student, teacher, straight, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
 
     stderr, done = interrupt_process_1(launch_fsdp2, tiny_overrides(student, teacher, resumed, **common))
     assert "interrupted after step" in stderr, stderr[-3000:]

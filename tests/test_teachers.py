@@ -113,7 +113,9 @@ def test_teachers_config_keys():
     assert cfg.teacher == "m2"  # the default teacher's model: what evaluation and diagnostics read
     views = teachers.views(cfg)
     assert views["logic"].teacher_system_prompt == "Think." and views["logic"].teacher_fewshot == 2
-    assert views["math"].teacher == "m1" and views["math"].teacher_fewshot == 0 and teachers.most_fewshot(cfg) == 2
+    assert views["math"].teacher == "m1" and views["math"].teacher_fewshot == 0
+    assert teachers.fewshot_counts(cfg) == {"math": 0, "logic": 2}  # routed: each teacher's examples are its own rows
+    assert teachers.fewshot_counts(make_config({"teachers": cfg.teachers})) == 2  # not routed: the most any one sees
     assert make_config({**cfg.__dict__}).teacher == "m2"  # a saved config loads again
     for bad, message in [({"teacher": "other"}, "give one"), ({"default_teacher": "x"}, "not one of teachers"),
                          ({"teachers": {"a": "m", "b": "http://localhost:8000"}, "loss_chunk": 8}, "served teacher \\(b\\)"),
@@ -325,7 +327,7 @@ def test_each_teacher_reads_its_own_view_of_the_prompt(tiny_dirs, tmp_path):
     pair = build.pair(cfg, torch.device("cpu"), trainable=True)
     assert pair.teachers["one"][1] is pair.teachers["two"][1]  # one model, loaded once
     task = build.task(cfg)
-    assert len(task.fewshot) == 1
+    assert len(task.fewshot) == 1 and task.fewshot[0].row["source"] == "two"  # a worked example of its own rows
     prompts = build.prompt_set(cfg, pair, task, task.train, 8, "rollout_tokens")
     assert prompts.problems == task.train and len(prompts.teacher_ids) == len(task.train)
     for problem, ids, name in zip(prompts.problems, prompts.teacher_ids, teachers.route(cfg, task.train)):
@@ -334,3 +336,55 @@ def test_each_teacher_reads_its_own_view_of_the_prompt(tiny_dirs, tmp_path):
         assert (text.endswith("SUFFIX") and "Think." in text and text.count("user") == 2) == (name == "two"), text
         assert ("Answer." in text) == (name == "one")  # the run's system_prompt, as teacher_system_prompt is null
     assert isinstance(build.teacher(cfg, pair, prompts.teacher_ids), Routed)
+
+
+def test_each_teacher_sees_worked_examples_of_its_own_rows_in_its_own_template(tmp_path):
+    """With teacher_field, the task holds out each teacher's first `fewshot` rows of its own (against a slow
+    split: the rest, in order, gives the evaluation problems then the training prompts); each teacher's
+    prompt shows those, filled with its own fewshot_template."""
+    data = _routed_data(tmp_path / "data.jsonl", rows=60)
+    cfg = make_config({"dataset": data, "shuffle_prompts": False, "eval_prompts": 5, "num_prompts": 20, "teacher_field": "source",
+                       "teachers": {"one": {"model": "m1", "fewshot": 3, "fewshot_template": "ONE {answer}"},
+                                    "two": {"model": "m2", "fewshot": 2, "fewshot_template": "TWO {answer}"}}})
+    task = build.task(cfg)
+    rows = [json.loads(line) for line in open(data)]
+    route = [r.get("source", "one") for r in rows]
+    few = [i for i in range(60) if route[i] == "one"][:3] + [i for i in range(60) if route[i] == "two"][:2]
+    rest = [i for i in range(60) if i not in few]
+    assert sorted(rows.index(p.row) for p in task.fewshot) == sorted(few)
+    assert [rows.index(p.row) for p in task.eval] == rest[:5]
+    assert [rows.index(p.row) for p in task.train] == rest[5:25]
+    for name, template, count in [("one", "ONE", 3), ("two", "TWO", 2)]:
+        own = teachers.own(cfg, task, name)
+        assert [p.row.get("source", "one") for p in own.fewshot] == [name] * count
+        assert all(p.row.get("source", "one") == name for p in own.eval) and own.train == task.train
+        _, style = build.styles(teachers.views(cfg)[name], own)
+        assert [answer for _, answer in style.fewshot] == [f"{template} {p.answer}" for p in own.fewshot]
+    cfg.teachers["two"]["fewshot"] = 30  # more than the rows routed to it
+    with pytest.raises(DataError, match="too few rows for the worked examples of teacher two \\(it has 20 of the 30"):
+        build.task(cfg)
+
+
+def test_eval_of_one_teachers_rows_prompts_them_as_that_teacher(tiny_dirs, tmp_path, capsys):
+    """`esrdistill eval --teacher NAME`: the evaluation problems routed to NAME only, in NAME's view."""
+    import yaml
+
+    from esrdistill import cli
+    from esrdistill.evaluate import run_eval
+
+    student, teacher = tiny_dirs
+    values = tiny_overrides(student, None, tmp_path / "run", dataset=_routed_data(tmp_path / "data.jsonl"), dataset_options={},
+                            eval_prompts=9, teacher_field="source",
+                            teachers={"one": teacher, "two": {"model": teacher, "fewshot": 2, "fewshot_template": "TWO {answer}"}})
+    del values["teacher"]
+    cfg = make_config(values)
+    routes = teachers.route(cfg, build.task(cfg).eval)
+    for name in ("one", "two"):
+        result = run_eval(cfg, teacher, view="teacher", progress=False, teacher=name)
+        assert result.n_problems == routes.count(name) > 0
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert cli.main(["eval", str(config), "--model", teacher, "--view", "teacher", "--teacher", "two"]) == 0
+    assert f"{routes.count('two')} problems, greedy" in capsys.readouterr().out
+    assert cli.main(["eval", str(config), "--teacher", "three"]) == 2
+    assert "--teacher three is not one of teachers: one, two" in capsys.readouterr().err

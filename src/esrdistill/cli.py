@@ -55,8 +55,11 @@ def cmd_eval(args) -> int:
     path, overrides = _split_config_args(args.args)
     cfg = load_config(path, overrides)
     model = args.model or cfg.student
-    result = run_eval(cfg, model=model, view=args.view, progress=cfg.progress)
-    title = f"{model} on {cfg.dataset} ({args.view} prompt)"
+    if args.teacher is not None and args.teacher not in cfg.teachers:
+        raise ConfigError(f"--teacher {args.teacher} is not one of teachers: "
+                          + (", ".join(cfg.teachers) or "the config names no teachers"))
+    result = run_eval(cfg, model=model, view=args.view, progress=cfg.progress, teacher=args.teacher)
+    title = f"{model} on {cfg.dataset} ({args.view} prompt{f', the rows of teacher {args.teacher}' if args.teacher else ''})"
     print(result.markdown(title))
     if args.out:
         json_path, md_path = result.save(args.out, title)
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to evaluate (default: the config's student)")
     p.add_argument("--view", choices=("student", "teacher"), default="student",
                    help="prompt the model as the student or as the teacher (teacher_fewshot, suffix)")
+    p.add_argument("--teacher", metavar="NAME", help="several teachers: only the rows routed to NAME, and --view teacher "
+                                                     "prompts them as NAME sees them")
     p.add_argument("--out", help="write the result with every response to this JSON file (and a .md table beside it)")
     p.set_defaults(func=cmd_eval)
 
@@ -177,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("quickstart", help="the embedded default end to end on packaged models (CPU, ~10 min); "
-                                          "`quickstart cross`: across tokenizers (Gemma-3-270M student, SmolLM2 teacher)")
-    p.add_argument("overrides", nargs="*", metavar="[cross] key=value", help="`cross` for the cross-tokenizer demo, then "
-                                                                             "changes to the embedded config")
+                                          "`quickstart cross`: across tokenizers (Gemma-3-270M student, SmolLM2 teacher); "
+                                          "`quickstart teachers`: two tasks, each routed to its own teacher")
+    p.add_argument("overrides", nargs="*", metavar="[cross|teachers] key=value",
+                   help="`cross` or `teachers` for those demos, then changes to the embedded config")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("bench", help="time per phase, tokens/s, peak memory: ESR (K=32) vs a full rollout, or the equal-work job")
@@ -235,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
-    if getattr(args, "help_config", False):
-        print(describe_fields())
-        return 0
-    from esrdistill.ranks import rank
+    from esrdistill.ranks import leave_process_group, rank
 
     def report(text: str) -> None:  # one message, not one per process
         if rank() == 0:
             print(text + (LAUNCHER_NOTE if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""), file=sys.stderr)
 
     try:
+        if getattr(args, "help_config", False):
+            print(describe_fields())
+            return 0
         return args.func(args)
     except ConfigError as err:
         report(f"config error: {err}")
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileExistsError) as err:
         report(f"error: {err}")
         return 1
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

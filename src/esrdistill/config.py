@@ -54,7 +54,7 @@ class Config:
     teacher_concurrency: int = 8  # served teacher: requests in flight at once (one per rollout)
     teacher_timeout_s: float = 120.0  # served teacher: seconds one request may take before it is retried
     teacher_retries: int = 5  # served teacher: retries of a failed request (waits 1, 2, 4, ... s) before the run stops
-    teachers: dict = field(default_factory=dict)  # several teachers: {name: model or URL, or {model, system_prompt, fewshot, suffix, tokenizer, model_name}}; routed by teacher_field (docs/teachers.md)
+    teachers: dict = field(default_factory=dict)  # several teachers: {name: model or URL, or {model, system_prompt, fewshot, fewshot_template, suffix, tokenizer, model_name}}; routed by teacher_field (docs/teachers.md)
     teacher_field: Optional[str] = None  # several teachers: the data field naming each row's teacher; null = every row to default_teacher
     default_teacher: Optional[str] = None  # several teachers: the teacher of rows without teacher_field; null = the first of teachers
     teacher_offload: bool = False  # several teachers: keep local teachers on the CPU, each moved to the device only while it scores (needs loss_chunk=0)
@@ -303,7 +303,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-TEACHER_KEYS = ("model", "system_prompt", "fewshot", "suffix", "tokenizer", "model_name")  # what each of `teachers` may set
+TEACHER_KEYS = ("model", "system_prompt", "fewshot", "fewshot_template", "suffix", "tokenizer", "model_name")  # what each of `teachers` may set
 
 
 def _check_teachers(cfg: Config, need) -> None:
@@ -325,9 +325,9 @@ def _check_teachers(cfg: Config, need) -> None:
             need(cfg.cross_tokenizer != "on", f"a served teacher ({name}) must share the student's tokenizer: "
                                               "cross_tokenizer=on is not supported with it")
         need(isinstance(spec.get("fewshot", 0), int) and spec.get("fewshot", 0) >= 0, f"teachers: {name}'s fewshot must be an int >= 0")
-        need(all(isinstance(spec.get(k, ""), str if k == "suffix" else (str, type(None)))
-                 for k in ("system_prompt", "suffix", "tokenizer", "model_name")),
-             f"teachers: {name}'s system_prompt, suffix, tokenizer and model_name must be text")
+        need(all(isinstance(spec.get(k, ""), str if k in ("suffix", "fewshot_template") else (str, type(None)))
+                 for k in ("system_prompt", "suffix", "fewshot_template", "tokenizer", "model_name")),
+             f"teachers: {name}'s system_prompt, suffix, fewshot_template, tokenizer and model_name must be text")
     need(cfg.default_teacher is None or cfg.default_teacher in cfg.teachers,
          f"default_teacher={cfg.default_teacher} is not one of teachers: {', '.join(cfg.teachers)}")
     need(cfg.rollout_tokens != "auto", "rollout_tokens=auto runs the diagnostics against one teacher: give rollout_tokens a "

@@ -62,6 +62,43 @@ def _split(rows: list[Problem], fewshot: int, eval_prompts: int, num_prompts: in
     return rows[:fewshot], rows[fewshot:held], train
 
 
+def _split_by_teacher(rows: list[Problem], fewshot: dict[str, int], route, eval_prompts: int, num_prompts: int | None,
+                      name: str, need_train: bool = True) -> tuple[list, list, list]:
+    """Each teacher's worked examples are the first fewshot[teacher] rows routed to it (route(rows): each row's
+    teacher); the evaluation problems and then the training prompts are the rest, in order."""
+    want, few, rest = dict(fewshot), [], []
+    for row, teacher in zip(rows, route(rows)):
+        if want.get(teacher, 0) > 0:
+            few.append(row)
+            want[teacher] -= 1
+        else:
+            rest.append(row)
+    short = {t: fewshot[t] - n for t, n in want.items() if n > 0}
+    if short:
+        raise DataError(f"dataset {name} has too few rows for the worked examples of "
+                        + ", ".join(f"teacher {t} (it has {n} of the {fewshot[t]} it sees)" for t, n in short.items()))
+    _, ev, train = _split(rest, 0, eval_prompts, num_prompts, name, need_train)
+    return few, ev, train
+
+
+def _composite(options: dict) -> dict:
+    """reasoning_gym:composite's `datasets` as reasoning-gym wants them (DatasetSpec), from YAML's mappings
+    ({name, weight, config}): a mixture of tasks, each entry's metadata naming its task (source_dataset)."""
+    from reasoning_gym.composite import DatasetSpec
+
+    specs = options.get("datasets")
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs):
+        raise DataError("reasoning_gym:composite needs dataset_options {datasets: [{name: TASK, weight: W, config: {...}}, ...]}"
+                        f", got {specs!r}")
+    names = [s["name"] for s in specs]
+    if len(set(names)) < len(names):
+        raise DataError(f"reasoning_gym:composite names a task twice ({', '.join(names)}): reasoning-gym keeps one per name")
+    for spec in specs:
+        _reasoning_gym(spec["name"], dict(spec.get("config") or {}), 0, 1)  # an unknown task or option, named
+    return {**options, "datasets": [DatasetSpec(s["name"], float(s.get("weight", 1.0)), dict(s.get("config") or {}))
+                                    for s in specs]}
+
+
 def _reasoning_gym(task_name: str, options: dict, seed: int, size: int):
     import difflib
 
@@ -72,6 +109,8 @@ def _reasoning_gym(task_name: str, options: dict, seed: int, size: int):
         close = difflib.get_close_matches(task_name, DATASETS, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise DataError(f"reasoning-gym has no task '{task_name}'.{hint}")
+    if task_name == "composite":
+        options = _composite(options)
     try:
         return reasoning_gym.create_dataset(task_name, size=size, seed=seed, **options)
     except (TypeError, AssertionError, ValueError) as err:
@@ -123,27 +162,36 @@ def load_task(
     answer_field: str = "answer",
     num_prompts: int | None = None,
     eval_prompts: int = 0,
-    fewshot: int = 0,
+    fewshot: int | dict[str, int] = 0,
     seed: int = 0,
     options: dict | None = None,
     split: str = "train",
     need_train: bool = True,
     shuffle: bool = True,
+    route=None,
 ) -> Task:
     """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name.
 
     need_train=False (eval, diagnose): no training row is required, and the held-out split takes
     what there is when the data has fewer than fewshot + eval_prompts rows.
+    Several teachers (route: problems -> each one's teacher name): fewshot is {teacher: count}, and each
+    teacher's worked examples are the first rows routed to it (_split_by_teacher).
     """
     options = dict(options or {})
+
+    def split_rows(rows, fewshot, eval_prompts, num_prompts, name, need_train):
+        if route is None:
+            return _split(rows, fewshot, eval_prompts, num_prompts, name, need_train)
+        return _split_by_teacher(rows, fewshot, route, eval_prompts, num_prompts, name, need_train)
+
     if "seed" in options:  # dataset_options: {seed: N} means the data seed, not a second seed argument
         seed = int(options.pop("seed"))
     if dataset.startswith(REASONING_GYM):
         name = dataset[len(REASONING_GYM) :]
-        size = fewshot + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
+        size = (sum(fewshot.values()) if route else fewshot) + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
         source = _reasoning_gym(name, options, seed, size)
         rows = [Problem(prompt=e["question"], answer=str(e["answer"]), row=e) for e in source]
-        few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
+        few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
         return Task(name=dataset, train=train, eval=ev, fewshot=few, source=source)
 
     raw = _rows_from_library(dataset, options, split)
@@ -170,6 +218,6 @@ def load_task(
     skipped = len(raw) - len(rows)
     if not rows:
         raise DataError(f"dataset '{dataset}' has no row whose '{prompt_field}' is a non-empty string ({len(raw)} rows)")
-    few, ev, train = _split(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
+    few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
     return Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped,
                 skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else "")

@@ -182,17 +182,22 @@ def evaluate(
     return summarise(results, sampling.temperature)
 
 
-def run_eval(cfg, model: str, view: str = "student", progress: bool = True, device=None) -> EvalResult:
+def run_eval(cfg, model: str, view: str = "student", progress: bool = True, device=None,
+             teacher: str | None = None) -> EvalResult:
     """Evaluate one model on the config's held-out problems, prompted as the student or the teacher.
 
     cfg: a Config (dataset, prompts, grader, eval_* keys, max_new_tokens, device, dtype are used).
+    teacher: with several teachers and teacher_field, only the problems routed to that teacher, and
+    view="teacher" prompts them as that teacher sees them (its worked examples, system prompt, suffix).
     """
-    from esrdistill import build, models, prompts
+    from esrdistill import build, models, prompts, teachers
     from esrdistill.data import DataError
     from esrdistill.engine_hf import HFEngine
 
     device = device or models.resolve_device(cfg.device)
     task = build.task(cfg, need_train=False)
+    if teacher is not None:
+        task, cfg = teachers.own(cfg, task, teacher), teachers.views(cfg)[teacher]
     grade = build.grader(cfg, task)  # a bad grader fails before the model loads
     tokenizer = models.load_tokenizer(model, cfg.model_cache)
     net = models.load_model(model, models.resolve_dtype(cfg.dtype, device), device, cfg.model_cache)

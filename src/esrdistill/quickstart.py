@@ -1,8 +1,8 @@
-"""`esrdistill quickstart [cross]`: an embedded default end to end on packaged models, with no network.
+"""`esrdistill quickstart [cross|teachers]`: an embedded default end to end on packaged models, with no network.
 
 Accuracy of the teacher and the student before, distillation with ESR and a progress bar, accuracy of
-the distilled student, the time of every phase, and (across tokenizers) how well the two tokenizers
-line up; the run directory is left behind with a report.
+the distilled student, the time of every phase, (across tokenizers) how well the two tokenizers line up,
+and (several teachers) each task's figures; the run directory is left behind with a report.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+from esrdistill import teachers
 from esrdistill.config import ConfigError, load_config, parse_overrides
-from esrdistill.evaluate import EvalResult, run_eval
+from esrdistill.evaluate import EvalResult, run_eval, summarise
 from esrdistill.packaged import is_packaged, resolve
 from esrdistill.tracking import read_metrics
 from esrdistill.train import train
 
 DEFAULT_CONFIG = files("esrdistill") / "configs" / "quickstart.yaml"
 CROSS_CONFIG = files("esrdistill") / "configs" / "quickstart_cross.yaml"
-VARIANTS = {"default": DEFAULT_CONFIG, "cross": CROSS_CONFIG}
+TEACHERS_CONFIG = files("esrdistill") / "configs" / "quickstart_teachers.yaml"
+VARIANTS = {"default": DEFAULT_CONFIG, "cross": CROSS_CONFIG, "teachers": TEACHERS_CONFIG}
 # The distilled student must gain this much accuracy for the quickstart to call it taught (CI checks
 # quickstart.json against it: scripts/check_quickstart.py).
 MIN_GAIN = 0.4
@@ -38,6 +40,32 @@ def _title(cfg) -> str:
     return f"student after ESR, K={cfg.rollout_tokens}" if cfg.rollout_tokens else f"student after a full rollout (up to {cfg.max_new_tokens})"
 
 
+def _parts(cfg) -> list[str | None]:
+    """The evaluation's parts: each teacher's rows when rows are routed (teacher_field), else the whole set."""
+    return list(cfg.teachers) if cfg.teacher_field else [None]
+
+
+def _run_eval(cfg, model: str | None, view: str) -> dict[str | None, EvalResult]:
+    """{part: its evaluation} (model None: each part's own teacher), and the whole set's under None."""
+    out = {}
+    for part in _parts(cfg):
+        own = model or (teachers.views(cfg)[part].teacher if part else cfg.teacher)
+        out[part] = run_eval(cfg, own, view=view, progress=cfg.progress, teacher=part)
+    if None not in out:
+        first = next(iter(out.values()))
+        out[None] = summarise([p for r in out.values() for p in r.problems], first.temperature)
+    return out
+
+
+def _described(cfg) -> str:
+    if not cfg.teacher_field:
+        return f"{cfg.teacher} (with {cfg.teacher_fewshot} worked examples in its prompt)"
+    views = teachers.views(cfg)
+    return (f"{len(views)} teachers, each row scored by the one its {cfg.teacher_field} names ("
+            + "; ".join(f"{name}: {v.teacher} with {v.teacher_fewshot} worked examples of its own rows" for name, v in views.items())
+            + ")")
+
+
 def quickstart(overrides: list[str] | None = None, variant: str = "default") -> dict:
     """Run an embedded default; return the report it also writes to RUN_DIR/quickstart.json."""
     if variant not in VARIANTS:
@@ -50,21 +78,22 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
     run_dir = Path(cfg.run_dir)
     seconds: dict[str, float] = {}
     say = print
-    say(f"{name}: distil {cfg.teacher} (with {cfg.teacher_fewshot} worked examples in its prompt) into {cfg.student} on "
+    say(f"{name}: distil {_described(cfg)} into {cfg.student} on "
         f"{cfg.dataset}, {_title(cfg).replace('student after ', '')}, {cfg.steps} steps of {cfg.batch_size} prompts.")
     say(f"Run directory: {run_dir}")
 
     start = time.perf_counter()
     say("[1/4] Preparing the packaged models (converted once, then cached) ...")
-    for spec in {cfg.student, cfg.teacher}:
+    for spec in {cfg.student, cfg.teacher, *(v.teacher for v in teachers.views(cfg).values())}:
         if is_packaged(spec):
             resolve(spec, cfg.model_cache)
     seconds["prepare_models"] = time.perf_counter() - start
 
     say(f"[2/4] Accuracy before distillation on {cfg.eval_prompts} held-out problems (greedy) ...")
     start = time.perf_counter()
-    teacher_before = run_eval(cfg, cfg.teacher, view="teacher", progress=cfg.progress)
-    student_before = run_eval(cfg, cfg.student, view="student", progress=cfg.progress)
+    teachers_before = _run_eval(cfg, None, "teacher")
+    students_before = _run_eval(cfg, cfg.student, "student")
+    teacher_before, student_before = teachers_before[None], students_before[None]
     seconds["eval_before"] = time.perf_counter() - start
     say(f"      teacher {teacher_before.accuracy:.1%}, student {student_before.accuracy:.1%}")
 
@@ -78,13 +107,14 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
 
     say("[4/4] Accuracy of the distilled student ...")
     start = time.perf_counter()
-    after = run_eval(cfg, str(run_dir / "final"), view="student", progress=cfg.progress)
+    afters = _run_eval(cfg, str(run_dir / "final"), "student")
+    after = afters[None]
     seconds["eval_after"] = time.perf_counter() - start
 
     lines = [
         "| model | accuracy | 95% CI | mean length (tokens) | cut at the limit |",
         "|---|---|---|---|---|",
-        _line("teacher (with worked examples)", teacher_before),
+        _line("teacher (with worked examples)" if not cfg.teacher_field else "teachers (each on its rows)", teacher_before),
         _line("student before", student_before),
         _line(_title(cfg), after),
         "",
@@ -93,6 +123,14 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
         *[f"| {phase} | {total:.1f} | {total / cfg.steps:.2f} |" for phase, total in phases.items()],
         f"| whole quickstart | {sum(seconds.values()):.1f} | |",
     ]
+    per_teacher = {part: {"problems": afters[part].n_problems, "teacher_before": teachers_before[part].accuracy,
+                          "student_before": students_before[part].accuracy, "student_after": afters[part].accuracy}
+                   for part in _parts(cfg) if part is not None}
+    if per_teacher:
+        lines += ["", f"| rows whose {cfg.teacher_field} is | problems | their teacher | student before | student after |",
+                  "|---|---|---|---|---|",
+                  *[f"| {part} | {f['problems']} | {f['teacher_before']:.1%} | {f['student_before']:.1%} | {f['student_after']:.1%} |"
+                    for part, f in per_teacher.items()]]
     if alignment:
         lines += ["", "| alignment (mean over steps) | value |", "|---|---|", *[f"| {key} | {value:.1%} |" for key, value in alignment.items()]]
     report_text = "\n".join(lines)
@@ -117,6 +155,7 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
         "teacher_before": teacher_before.to_dict(),
         "student_before": student_before.to_dict(),
         "student_after": after.to_dict(),
+        "per_teacher": per_teacher,
         "alignment": alignment,
         "seconds": seconds,
         "phase_seconds": phases,

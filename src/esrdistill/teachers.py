@@ -24,7 +24,7 @@ from esrdistill.teacher import Comparison, Plan, Scores, Teacher
 from esrdistill.tracking import PhaseTimer
 
 VIEW_KEYS = {"model": "teacher", "system_prompt": "teacher_system_prompt", "fewshot": "teacher_fewshot",
-             "suffix": "teacher_prompt_suffix", "tokenizer": "teacher_tokenizer",
+             "suffix": "teacher_prompt_suffix", "fewshot_template": "fewshot_template", "tokenizer": "teacher_tokenizer",
              "model_name": "teacher_model_name"}  # a teacher's own keys -> the run's keys they stand for
 # The per-position metrics each kind of teacher reports (its compare's keys): a metric only some of the run's
 # teachers report is averaged over their positions alone. tests/test_teachers.py checks these against compare.
@@ -188,8 +188,8 @@ def on_device(model, device: torch.device):
 
 def views(cfg) -> dict:
     """{name: the run's config as that teacher alone would see it}: its model as `teacher`, its system prompt,
-    few-shot count and suffix as teacher_system_prompt, teacher_fewshot and teacher_prompt_suffix (the run's
-    keys where it gives none)."""
+    few-shot count, few-shot template and suffix as teacher_system_prompt, teacher_fewshot, fewshot_template and
+    teacher_prompt_suffix (the run's keys where it gives none)."""
     out = {}
     for name, spec in cfg.teachers.items():
         spec = {"model": spec} if isinstance(spec, str) else spec
@@ -202,9 +202,30 @@ def default_name(cfg) -> str:
     return cfg.default_teacher or next(iter(cfg.teachers))
 
 
-def most_fewshot(cfg) -> int:
-    """The worked examples the task must hold out: the most any teacher sees."""
+def fewshot_counts(cfg) -> int | dict[str, int]:
+    """The worked examples the task must hold out: the most any teacher sees, or, when rows are routed
+    (teacher_field), {teacher: the number it sees}: each teacher's examples are rows of its own (data.load_task)."""
+    if cfg.teacher_field is not None:
+        return {name: view.teacher_fewshot for name, view in views(cfg).items()}
     return max([cfg.teacher_fewshot] + [v.teacher_fewshot for v in views(cfg).values()])
+
+
+def router(cfg):
+    """problems -> each one's teacher name (route), for data.load_task; None when rows are not routed."""
+    return None if cfg.teacher_field is None else (lambda problems: route(cfg, problems))
+
+
+def own(cfg, task, name: str):
+    """The task as teacher `name` sees it: its own worked examples and evaluation problems (the whole task
+    when rows are not routed)."""
+    if cfg.teacher_field is None:
+        return task
+    every = task.fewshot + task.eval + task.train
+
+    def mine(problems):
+        return [p for p, n in zip(problems, route(cfg, problems, every)) if n == name]
+
+    return dataclasses.replace(task, fewshot=mine(task.fewshot), eval=mine(task.eval))
 
 
 def route(cfg, problems: list, every: list | None = None) -> list[str]:
@@ -297,7 +318,7 @@ def prompt_set(cfg, pair, task, problems: list, new_tokens: int, new_tokens_key:
         mine = [p for p, n in zip(problems, names) if n == name]
         if not mine:
             continue
-        part = build.prompt_set(view, sub, task, mine, new_tokens, new_tokens_key)
+        part = build.prompt_set(view, sub, own(cfg, task, name), mine, new_tokens, new_tokens_key)
         kept.update({id(p): (s, TeacherPrompt(t, name)) for p, s, t in zip(part.problems, part.student_ids, part.teacher_ids)})
         dropped += part.dropped
         why += [f"{name}: {part.why_dropped}"] if part.why_dropped else []
