@@ -123,7 +123,7 @@ class Config:
     steps: int = 200  # optimizer steps
     max_skipped_steps: int = 3  # a step whose loss or gradient is NaN/inf is skipped; stop after this many in a row
     seed: int = 0  # seeds data order, sampling and init; each step reseeds from (seed, step)
-    data_seed: int = 0  # seeds the problems themselves and the held-out split (a sweep over seed keeps them)
+    data_seed: int = 0  # seeds the problems themselves and the held-out split (a sweep over seed keeps them); reasoning-gym's rows under S+1 are those under S shifted by one: take seeds far apart (0, 1000, ...) for other problems
 
     # ---- evaluation, checkpoints, output ------------------------------------------------------
     eval_every: int = 50  # evaluate the student every N steps and at the end; 0 = never
