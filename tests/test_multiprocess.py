@@ -186,3 +186,20 @@ def test_the_command_leaves_its_process_group_before_it_returns(tmp_path, argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_processes_that_did_not_join_one_group_are_refused(tiny_dirs, tmp_path, monkeypatch):
+    """On a machine without CUDA, a launch without device=cpu starts processes that each run alone (every one
+    would train the whole run): refused at once, with one message saying what works."""
+    from esrdistill import ranks
+    from esrdistill.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks.check_joined("cpu", 2)
+    with pytest.raises(ConfigError, match="started 2 processes but they did not join one process group .*pass device=cpu"):
+        ranks.check_joined("auto", 1)
+    student, teacher = tiny_dirs
+    result = launch_two(tiny_overrides(student, teacher, tmp_path / "run", steps=1, device="auto"), timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("did not join one process group (device=auto") == 1, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -50,6 +50,17 @@ class fail_together:
         return False
 
 
+def check_joined(device: str, processes: int) -> None:
+    """Refuse a launch whose processes did not join one process group (`processes`: those that did): accelerate
+    without CUDA and without device=cpu runs each of them alone, every one training the whole run by itself."""
+    from esrdistill.config import ConfigError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched != processes:
+        raise ConfigError(f"the launcher started {launched} processes but they did not join one process group "
+                          f"(device={device} on a machine without CUDA): pass device=cpu")
+
+
 def any_process(accelerator, flag: bool) -> bool:
     """True on every process when `flag` is true on at least one (a shared Ctrl-C)."""
     if accelerator.num_processes == 1:

@@ -48,10 +48,6 @@ def requested() -> bool:
 def check(cfg, processes: int) -> None:
     """Refuse, with what works instead, what esrdistill does not do under FSDP2 (`processes`: those that joined
     this run's process group)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != processes:  # accelerate without CUDA and without cpu=True: each process runs alone
-        raise ConfigError(f"the launcher started {launched} processes but they did not join one process group "
-                          f"(device={cfg.device} on a machine without CUDA): pass device=cpu")
     if cfg.loss_chunk:
         raise ConfigError("loss_chunk > 0 is not supported with a sharded student (FSDP2): the chunked loss applies the "
                           "LM head outside the model's forward, where its weight is a shard; use loss_chunk=0, or DDP")

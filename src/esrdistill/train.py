@@ -126,6 +126,7 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     with ranks.fail_together(accelerator):
         if cfg.device == "cuda" and device.type != "cuda":
             raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto")
+        ranks.check_joined(cfg.device, procs)
         if cfg.batch_size % procs:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {procs} processes")
         if sharding.requested():  # an FSDP accelerate config: refused now if esrdistill cannot follow it
