@@ -138,6 +138,10 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
     gain = after.accuracy - student_before.accuracy
     say(f"\nThe {_title(cfg)}: {student_before.accuracy:.1%} -> {after.accuracy:.1%} "
         f"({gain * 100:+.1f} points; the teacher: {teacher_before.accuracy:.1%}).")
+    behind = [part for part, f in per_teacher.items() if f["student_after"] - f["student_before"] < MIN_GAIN]
+    if behind and gain >= MIN_GAIN:  # one task taught can hide another that was not
+        say(f"The rows of {', '.join(behind)} gained less than {MIN_GAIN * 100:.0f} points: distillation did not teach "
+            "the student those (their figures are in the table above).")
     if gain < MIN_GAIN:
         default = load_config(str(config_path), {})
         small = [f"{key}={getattr(cfg, key)} (the quickstart's: {getattr(default, key)})"
