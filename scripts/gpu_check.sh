@@ -2,14 +2,17 @@
 # The GPU check (shared/GPU.md): on a lent CUDA machine with no network, in under 7 minutes, it
 #   1. installs the carried wheels (.whl/) into /tmp/site and imports the project from src/ (no pip install -e);
 #   2. runs tests/test_cuda.py: losses on CUDA equal the CPU's in fp32 and bf16, a bf16 training step with
-#      LoRA and with full fine-tuning, generation with the hf engine on CUDA;
+#      LoRA and with full fine-tuning, generation with the hf engine on CUDA. It passes only when CUDA is there
+#      and every CUDA test ran and passed (esrdistill.gpu_check.cuda_tests_verdict reads pytest's junit xml);
+#      without CUDA the check stops there, failed (the dry run records it "skipped: dry run, no GPU" and goes on);
 #   3. benchmarks ESR (K=100) against a full rollout (1,024 tokens) with esrdistill's own training loop on
 #      randomly initialised models (Qwen2-style 1.46B student, Qwen3-style 1.61B teacher, SmolLM2's
 #      vocabulary), bf16, LoRA r=32, batch 16, every rollout forced to its full length, hf engine:
 #      `python -m esrdistill.gpu_check`, which writes bench.md, bench.json and setup.json under $OUT/bench;
 #   4. with the time that is left, the CPU test files of the same code (losses, objective, rollout, train,
 #      selection, cross-tokenizer, models, diagnostics), under the machine's own torch and transformers.
-# Every part writes under $OUT; summary.txt has one line per part; the exit status is 1 when any part failed.
+# Every part writes under $OUT; summary.txt has one line per part (ok, FAILED, or in the dry run skipped, with
+# the reason); the exit status is 1 when any part failed.
 #
 # Usage:
 #   scripts/gpu_check.sh              the check, on the GPU machine ($OUT must be set). The device call, with
@@ -85,19 +88,24 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFOR
 FAILED=0
 : > "$OUT/summary.txt"
 
-part() {  # part NAME COMMAND...: run it, time it, record ok / FAILED in summary.txt
-    local name="$1" start=$SECONDS rc
+part() {  # part NAME COMMAND...: run it, time it, record in summary.txt: ok (exit 0), skipped (exit 3), else FAILED,
+          # with the reason the command wrote to $OUT/NAME.why, if any
+    local name="$1" start=$SECONDS rc why=""
     shift
+    rm -f "$OUT/$name.why"
     echo "==== $name ($(date +%T), $((DEADLINE - SECONDS)) s left)"
     "$@"
     rc=$?
+    [ -s "$OUT/$name.why" ] && why=": $(head -n 1 "$OUT/$name.why")"
     if [ $rc -eq 0 ]; then
-        echo "$name: ok in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+        echo "$name: ok in $((SECONDS - start)) s$why" | tee -a "$OUT/summary.txt"
+    elif [ $rc -eq 3 ]; then
+        echo "$name: skipped in $((SECONDS - start)) s$why" | tee -a "$OUT/summary.txt"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        echo "$name: FAILED: stopped at its time limit after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+        echo "$name: FAILED: stopped at its time limit after $((SECONDS - start)) s$why" | tee -a "$OUT/summary.txt"
         FAILED=1
     else
-        echo "$name: FAILED (exit $rc) in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+        echo "$name: FAILED (exit $rc) in $((SECONDS - start)) s$why" | tee -a "$OUT/summary.txt"
         FAILED=1
     fi
 }
@@ -128,8 +136,13 @@ EOF
     } 2>&1 | tee "$OUT/env.txt"
 }
 
-cuda_tests() {
+cuda_tests() {  # the verdict from pytest's report: on the GPU, no CUDA or any CUDA test skipped is a failure
+    local rc
+    rm -f "$OUT/test_cuda.xml"
     timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+    rc=$?
+    # shellcheck disable=SC2086
+    "$PY" -m esrdistill.gpu_check cuda-verdict $DRY --junit "$OUT/test_cuda.xml" --pytest-status $rc | tee "$OUT/test_cuda.why"
 }
 
 benchmark() {
@@ -161,6 +174,11 @@ if [ -n "$DRY" ]; then
 fi
 part environment environment
 part test_cuda cuda_tests
+if [ -z "$DRY" ] && grep -q "^CUDA is absent" "$OUT/test_cuda.why" 2>/dev/null; then
+    echo "gpu_check: CUDA is absent: bench and cpu_tests not run (use --dry-run on a machine without a GPU)" \
+        | tee -a "$OUT/summary.txt"
+    exit 1
+fi
 part bench benchmark
 [ -z "$DRY" ] && part cpu_tests cpu_tests
 echo "==== summary"

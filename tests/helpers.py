@@ -33,13 +33,16 @@ def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE, extra: list[str] =
 
 
 def make_model(vocab_size: int, seed: int, layers: int = 2, hidden: int = 32, vocab_rows: int | None = None,
-               heads: int = 4, kv_heads: int = 2):
+               heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, tied: bool = False):
+    """A tiny Llama: vocab_rows LM head rows (default vocab_size), intermediate size (default 2 * hidden), the LM
+    head tied to the embeddings when `tied`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_rows or vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=vocab_rows or vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        tie_word_embeddings=tied,
         bos_token_id=1, eos_token_id=4, pad_token_id=0,
     )
     model = LlamaForCausalLM(config)
@@ -99,3 +102,52 @@ def train_interrupted_then_resumed(values: dict, at_step: int, monkeypatch):
     monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
     train(make_config({**values, "resume": True}))
     return stop.value
+
+
+def record_teachers(monkeypatch, paths: dict[str, str]) -> list[tuple]:
+    """Follow each local teacher (its name -> the directory its model is loaded from) through a run with the hf
+    engine. The list returned gets ("score", name, moves, device) at each scoring by that teacher, and
+    ("sample" | "step", {name: (moves, device)}) at each rollout and after each logged step, for every teacher
+    scored so far. moves: the teacher model's Module.to calls since the first rollout (the setup's, loading and
+    building a prefix cache, are not counted); device: where its parameters are."""
+    from pathlib import Path
+
+    from esrdistill import engine_hf, teacher, tracking
+
+    names = {str(Path(path).resolve()): name for name, path in paths.items()}
+    seen, moves, events, started = {}, {name: 0 for name in paths}, [], []
+
+    def name_of(model):
+        return names.get(str(Path(getattr(model, "name_or_path", None) or "-").resolve()))
+
+    def where():
+        return {name: (moves[name], str(next(model.parameters()).device)) for name, model in seen.items()}
+
+    original_to, original_score = torch.nn.Module.to, teacher.SameTokenizer.score
+    original_sample, original_log = engine_hf.HFEngine.sample, tracking.MetricsLogger.log
+
+    def to(self, *args, **kwargs):
+        if started and (name := name_of(self)) is not None:
+            moves[name] += 1
+        return original_to(self, *args, **kwargs)
+
+    def score(self, plan, rows, width, hidden=False):
+        name = name_of(self.model)
+        seen[name] = self.model
+        events.append(("score", name, moves[name], str(next(self.model.parameters()).device)))
+        return original_score(self, plan, rows, width, hidden)
+
+    def sample(self, prompts, sampling, seeds=None):
+        started.append(True)
+        events.append(("sample", where()))
+        return original_sample(self, prompts, sampling, seeds)
+
+    def log(self, step, metrics):
+        events.append(("step", where()))
+        return original_log(self, step, metrics)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(teacher.SameTokenizer, "score", score)
+    monkeypatch.setattr(engine_hf.HFEngine, "sample", sample)
+    monkeypatch.setattr(tracking.MetricsLogger, "log", log)
+    return events

@@ -52,12 +52,11 @@ def test_equal_work_steps_take_the_generators_rows_in_order():
         assert [task.train[i].prompt for i in indices] == [questions[r] for r in rows]
 
 
-def test_equal_work_prompts_are_smollm2s_chat_template_with_its_default_system_message():
-    path = packaged.cache_root() / "models" / "smollm2-135m-instruct"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"the packaged SmolLM2 is not converted in {path} (run the quickstart once)")
+def test_equal_work_prompts_are_smollm2s_chat_template_with_its_default_system_message(packaged_smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
+    path = packaged_smollm2  # converted by the fixture where the job's `packaged:smollm2-135m-instruct` resolves
+    assert path == packaged.converted_dir("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = SimpleNamespace(config=AutoConfig.from_pretrained(path))  # prompt_set reads the context length only
     pair = SimpleNamespace(student=model, teacher=model, tokenizer=tokenizer, teacher_tokenizer=tokenizer,

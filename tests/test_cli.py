@@ -119,3 +119,50 @@ def test_an_out_directory_that_cannot_be_written_is_a_clear_error(tmp_path, caps
     assert cli.main([*command, "--out", str(blocker / "lab")]) == 1
     err = capsys.readouterr().err
     assert f"--out {blocker / 'lab'}: cannot write there" in err and "Traceback" not in err
+
+
+def test_yaml_syntax_errors_in_the_config_file_or_an_override_are_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3\ndataset_options: {min_terms: 2\n")
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: config file {path} is not valid YAML: line 3, column 1: expected ',' or '}}'")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert cli.main(["train", "dataset_options={min_terms: 2", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("config error: dataset_options={min_terms: 2 is not valid YAML: line 1, column 14: expected ',' or '}', "
+                   "but got '<stream end>' (while parsing a flow mapping begun at line 1, column 1)\n")
+
+
+def _rows(path, null_at=()):
+    """A JSON Lines file of 40 sums, the answer null in the rows numbered in null_at."""
+    path.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": None if i in null_at else str(i + 1)}) + "\n"
+                            for i in range(40)))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["fewshot_field", "null_answer", "directory"])
+def test_data_a_run_cannot_use_is_one_line_naming_what_to_change(tiny_dirs, tmp_path, capsys, monkeypatch, case):
+    """Each is found before any model loads."""
+    from esrdistill import models
+
+    student, teacher = tiny_dirs
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded before the data was checked"))
+    extra, message = {
+        "fewshot_field": ({"dataset": _rows(tmp_path / "d.jsonl"), "teacher_fewshot": 2, "fewshot_template": "{solution}"},
+                          "error: fewshot_template names {solution}, but the worked examples have no field 'solution': "
+                          "their fields are answer, prompt, question\n"),
+        "null_answer": ({"dataset": _rows(tmp_path / "n.jsonl", null_at=(10,))},
+                        f"error: dataset '{tmp_path / 'n.jsonl'}': 1 of the 36 rows used have no answer_field 'answer' "
+                        "(null or missing: 0 worked examples, 0 evaluation problems, 1 training prompts); remove or "
+                        "fill them in\n"),
+        "directory": ({"dataset": str(tmp_path / "data")},
+                      f"error: dataset {tmp_path / 'data'} is a directory without a .jsonl, .json, .csv or .parquet file: a "
+                      "dataset is reasoning_gym:NAME, a .jsonl"),
+    }[case]
+    (tmp_path / "data").mkdir()
+    values = tiny_overrides(student, teacher, tmp_path / "run", shuffle_prompts=False, dataset_options={}, **extra)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    assert cli.main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -103,3 +103,19 @@ def test_answer_extract_none_is_a_choice_not_a_null():
     assert load_config(None, parse_overrides(["answer_extract=none"])).answer_extract == "none"
     with pytest.raises(ConfigError, match="loss must be one of"):
         load_config(None, {"loss": "none"})
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_or_override_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-4\nsteps: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"config file {path} is not valid YAML: line 3, column 1: expected ',' or ']', but got "
+                              "'<stream end>' (while parsing a flow sequence begun at line 2, column 8)")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dataset_options={min_terms: 2"])
+    assert str(err.value) == ("dataset_options={min_terms: 2 is not valid YAML: line 1, column 14: expected ',' or '}', "
+                              "but got '<stream end>' (while parsing a flow mapping begun at line 1, column 1)")
+    with pytest.raises(ConfigError, match=r"^teachers=\{a: \[\} is not valid YAML: line 1, column 6: expected the node "
+                                          r"content, but found '\}'$"):
+        load_config(None, ["teachers={a: [}"])

@@ -1,7 +1,8 @@
 """The CUDA path against the CPU's (skipped without a GPU; scripts/gpu_check.sh runs it on a lent one):
 the losses and their gradients on CUDA equal the CPU's, exactly enough in fp32 and within bf16's precision
 in bf16; a bf16 training step with LoRA and with full fine-tuning moves the weights by Adam's first step
-with a finite loss; the hf engine generates on CUDA as it does on the CPU."""
+with a finite loss; offloaded teachers (teacher_offload) are on the GPU only while they score; the hf engine
+generates on CUDA as it does on the CPU."""
 
 import json
 from contextlib import nullcontext
@@ -138,6 +139,39 @@ def test_a_bf16_training_step_on_cuda_moves_the_weights_by_adams_first_step(tiny
     assert deltas.abs().max().item() == pytest.approx(lr, rel=0.05)
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     assert final.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in final.parameters())
+
+
+def test_offloaded_teachers_are_on_the_gpu_only_while_they_score(tiny_dirs, tmp_path, monkeypatch):
+    """Two local teachers, teacher_offload=true, in fp32 on CUDA: each one's weights are on the GPU at each of its
+    scorings and on the CPU at each rollout and after each step (resident, on the GPU throughout); the losses are
+    those of the resident run (rel 1e-5). tests/test_teachers.py counts the moves on the CPU."""
+    from helpers import record_teachers, save_pair, tiny_overrides
+    from esrdistill.config import make_config
+    from esrdistill.tracking import read_metrics
+    from esrdistill.train import train
+    from test_teachers import _routed_data
+
+    student, teacher = tiny_dirs
+    other = save_pair(tmp_path / "other", seed=5)
+    data = _routed_data(tmp_path / "data.jsonl")
+    losses_of, events = {}, {}
+    for offload in (False, True):
+        values = tiny_overrides(student, None, tmp_path / f"run-{offload}", dataset=data, dataset_options={}, steps=2,
+                                teachers={"one": teacher, "two": other}, teacher_field="source", teacher_offload=offload,
+                                device="cuda", dtype="float32")
+        del values["teacher"]
+        with monkeypatch.context() as patch:
+            events[offload] = record_teachers(patch, {"one": teacher, "two": other})
+            train(make_config(values))
+        losses_of[offload] = [m["loss"] for m in read_metrics(tmp_path / f"run-{offload}")]
+    for offload, recorded in events.items():
+        scorings = [e[1:] for e in recorded if e[0] == "score"]  # (name, moves, device)
+        between = [e[1] for e in recorded if e[0] != "score"]  # at each rollout and step: {name: (moves, device)}
+        assert {name for name, _, _ in scorings} == {"one", "two"}
+        assert {device.split(":")[0] for _, _, device in scorings} == {"cuda"}
+        home = "cpu" if offload else "cuda"
+        assert {device.split(":")[0] for where in between[1:] for _, device in where.values()} == {home}, offload
+    assert losses_of[True] == pytest.approx(losses_of[False], rel=1e-5)
 
 
 # ---- generation with the hf engine ------------------------------------------------------------------------

@@ -149,3 +149,89 @@ def test_base_model_without_chat_template_gets_plain_layout():
     tok = make_tokenizer(chat_template=None)
     text = prompts.render(tok, "2+2", prompts.PromptStyle(system="Be brief.", fewshot=(("1+1", "2"),)))
     assert text == "Be brief.\n\nQuestion: 1+1\nAnswer: 2\n\nQuestion: 2+2\nAnswer:"
+
+
+def test_a_fewshot_template_field_the_worked_examples_lack_names_the_fields_they_have(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "answer": str(i), "source": "s"} for i in range(8)])
+    with pytest.raises(DataError, match=r"^fewshot_template names \{solution\}, but the worked examples have no field "
+                                        r"'solution': their fields are answer, prompt, question, source$"):
+        load_task(path, eval_prompts=2, fewshot=2, fewshot_template="Worked: {solution} <answer>{answer}</answer>")
+    task = load_task(path, eval_prompts=2, fewshot=2, fewshot_template="\\boxed{x} {source}: <answer>{answer}</answer>")
+    assert len(task.fewshot) == 2  # LaTeX braces are not field names; fields the rows have are fine
+    with pytest.raises(DataError, match=r"fewshot_template names \{solution\}"):  # the same check where the turns are made
+        prompts.fewshot_turns(task.fewshot, "{prompt}", "{solution}")
+    assert prompts.fewshot_turns(task.fewshot, "{prompt}", "{source}: {answer}")[0][1] == f"s: {task.fewshot[0].answer}"
+
+
+def test_a_fewshot_template_field_that_is_null_in_a_worked_example_is_counted():
+    examples = [Problem("q1", "1", {"solution": "s1"}), Problem("q2", "2", {"solution": None}), Problem("q3", "3", {})]
+    with pytest.raises(DataError, match=r"names \{solution\}, but 2 of the 3 worked examples have no value for it"):
+        prompts.fewshot_turns(examples, "{prompt}", "{solution}")
+
+
+def test_reasoning_gym_metadata_fields_fill_a_fewshot_template():
+    task = load_task("reasoning_gym:gsm_symbolic", num_prompts=2, fewshot=2, fewshot_template="{answer_cot} <answer>{answer}</answer>")
+    turns = prompts.fewshot_turns(task.fewshot, "{prompt}", "{answer_cot} <answer>{answer}</answer>")
+    assert turns[0][1] == f"{task.fewshot[0].row['metadata']['answer_cot']} <answer>{task.fewshot[0].answer}</answer>"
+    with pytest.raises(DataError, match=r"no field 'solution': their fields are .*answer_cot.*question"):
+        load_task("reasoning_gym:gsm_symbolic", num_prompts=2, fewshot=2, fewshot_template="{solution}")
+
+
+def test_a_reasoning_gym_task_without_reference_answers_cannot_show_them_in_worked_examples():
+    from esrdistill.grading import make_grader
+
+    task = load_task("reasoning_gym:graph_color", num_prompts=2, eval_prompts=1, seed=0)
+    assert task.eval[0].answer is None and task.eval[0].row["answer"] is None  # not the text "None"
+    with pytest.raises(DataError, match=r"names \{answer\}, but 2 of the 2 worked examples have no value for it"):
+        load_task("reasoning_gym:graph_color", num_prompts=2, fewshot=2, fewshot_template="<answer>{answer}</answer>")
+    grader = make_grader(task, "auto", "tag")  # its score_answer still grades: a response is checked by itself
+    graded = []
+    task.source.score_answer = lambda answer, entry: graded.append((answer, entry)) or 1.0
+    assert grader("<answer>{0: 1}</answer>", task.eval[0]) and graded == [("{0: 1}", task.eval[0].row)]
+
+
+def test_rows_without_an_answer_are_counted_by_split_before_any_is_used(tmp_path):
+    rows = [{"question": f"q{i}", "answer": None if i in (0, 5, 9) else str(i)} for i in range(10)] + [{"question": "q10"}]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"^dataset '.*d\.jsonl': 4 of the 11 rows used have no answer_field 'answer' "
+                                        r"\(null or missing: 1 worked examples, 1 evaluation problems, 2 training "
+                                        r"prompts\); remove or fill them in$"):
+        load_task(path, eval_prompts=5, fewshot=1, shuffle=False)
+    task = load_task(path, eval_prompts=0, fewshot=0)  # answers unused: training prompts only
+    assert sum(p.answer is None for p in task.train) == 4
+    routed = load_task(path, fewshot={"a": 0}, route=lambda problems: ["a"] * len(problems), shuffle=False)
+    assert len(routed.train) == 11  # several teachers, no worked examples and no evaluation: answers unused too
+
+
+def test_a_directory_without_data_files_or_an_unsupported_file_names_the_supported_forms(tmp_path):
+    (tmp_path / "notes.txt").write_text("What is 1+1?\n")
+    (tmp_path / "empty").mkdir()
+    forms = r"a dataset is reasoning_gym:NAME, a \.jsonl, \.json, \.csv or \.parquet file, a directory of such files"
+    with pytest.raises(DataError, match=rf"^data file .*notes\.txt is a \.txt file, which esrdistill does not read: {forms}"):
+        load_task(str(tmp_path / "notes.txt"))
+    with pytest.raises(DataError, match=rf"^dataset .*empty is a directory without a \.jsonl, \.json, \.csv or \.parquet file: {forms}"):
+        load_task(str(tmp_path / "empty"))
+
+
+def test_a_directory_of_data_files_is_read_split_by_file_name(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"question": f"t{i}", "answer": str(i)} for i in range(6)])
+    _write_jsonl(folder / "test.jsonl", [{"question": f"e{i}", "answer": str(i)} for i in range(3)])
+    task = load_task(str(folder), eval_prompts=2, shuffle=False)
+    assert [p.prompt for p in task.eval + task.train] == [f"t{i}" for i in range(6)]
+    task = load_task(str(folder), split="test", eval_prompts=3, need_train=False, shuffle=False)
+    assert [p.prompt for p in task.eval] == ["e0", "e1", "e2"]
+
+
+def test_each_teachers_fewshot_template_is_checked_against_its_own_worked_examples(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i), "source": "b", "solution": f"s{i}"} if i % 2 else
+            {"question": f"q{i}", "answer": str(i), "source": "a"} for i in range(20)]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    route = lambda problems: [p.row["source"] for p in problems]  # noqa: E731
+    task = load_task(path, fewshot={"a": 2, "b": 2}, route=route, shuffle=False,
+                     fewshot_template={"a": "<answer>{answer}</answer>", "b": "{solution} <answer>{answer}</answer>"})
+    assert [p.prompt for p in task.fewshot] == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(DataError, match=r"^teachers: a's fewshot_template names \{solution\}, but the worked examples "
+                                        r"have no field 'solution': their fields are answer, prompt, question, source$"):
+        load_task(path, fewshot={"a": 2, "b": 2}, route=route, fewshot_template={"a": "{solution}", "b": "{solution}"})

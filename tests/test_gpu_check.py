@@ -1,5 +1,6 @@
 """The GPU check's dry run (scripts/gpu_check.sh --dry-run): the same script and benchmark code as on the GPU
-machine, on the CPU with tiny models, writes a bench table with the three phases for both arms."""
+machine, on the CPU with tiny models, writes a bench table with the three phases for both arms. The GPU
+mode's verdict on the CUDA tests: it fails when CUDA is absent or any CUDA test was skipped."""
 
 import json
 import os
@@ -8,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from esrdistill.config import load_config
-from esrdistill.gpu_check import DRY, GPU, arm_values, arms
+from esrdistill.gpu_check import DRY, GPU, CudaVerdict, arm_values, arms, cuda_tests_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +28,18 @@ def dry_run(tmp_path_factory):
 
 @pytest.mark.slow  # the GPU check's dry run end to end
 def test_the_dry_run_passes_every_part(dry_run):
+    """On this CPU the CUDA tests are all skipped, and the dry run says so rather than "ok"."""
     out, done = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == ["environment", "test_cuda", "bench"]
-    assert all(": ok in " in line for line in summary)
+    assert ": ok in " in summary[0] and ": ok in " in summary[2]
+    if torch.cuda.is_available():
+        assert ": ok in " in summary[1]
+    else:
+        assert summary[1].startswith("test_cuda: skipped in ") and ": dry run, no GPU: " in summary[1]
+        skipped, total = summary[1].split(": dry run, no GPU: ")[1].split(" CUDA tests skipped")[0].split(" of ")
+        assert skipped == total and int(total) >= 21
 
 
 @pytest.mark.slow  # the GPU check's dry run end to end
@@ -97,3 +106,79 @@ def test_the_full_arm_is_cut_to_the_steps_that_fit_but_keeps_a_measured_step():
     assert steps_that_fit(esr, 40.0, GPU, seconds_left=200) == 3  # 4 would fit: capped at the steps asked for
     assert steps_that_fit(esr, 40.0, GPU, seconds_left=110) == 2  # 2.2 fit
     assert steps_that_fit(esr, 40.0, GPU, seconds_left=30) == 2  # none fits: still a warm-up and one measured step
+
+
+# ---- the GPU mode's verdict on the CUDA tests --------------------------------------------------------------
+
+SKIP_REASON = "needs a CUDA GPU (scripts/gpu_check.sh runs it on one)"
+
+
+def junit(passed: int = 0, skipped: int = 0, failed: int = 0) -> str:
+    """A report shaped as pytest's --junitxml writes it (pytest 8), of made-up CUDA tests."""
+    cases = [f'<testcase classname="tests.test_cuda" name="test_passed_{i}" time="0.1" />' for i in range(passed)]
+    cases += [f'<testcase classname="tests.test_cuda" name="test_skipped_{i}" time="0.0"><skipped type="pytest.skip" '
+              f'message="{SKIP_REASON}">tests/test_cuda.py:27: {SKIP_REASON}</skipped></testcase>' for i in range(skipped)]
+    cases += [f'<testcase classname="tests.test_cuda" name="test_failed_{i}" time="0.1"><failure message="assert 1 == 2">'
+              'E assert 1 == 2</failure></testcase>' for i in range(failed)]
+    total = passed + skipped + failed
+    return ('<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="0" '
+            f'failures="{failed}" skipped="{skipped}" tests="{total}" time="1.0">' + "".join(cases) + "</testsuite></testsuites>")
+
+
+H200 = "NVIDIA H200"
+
+
+def test_on_the_gpu_every_cuda_test_passed_is_ok():
+    verdict = cuda_tests_verdict(junit(passed=21), 0, H200, dry_run=False)
+    assert (verdict.status, verdict.why, verdict.exit_status) == ("ok", "21 passed on NVIDIA H200", 0)
+
+
+def test_on_the_gpu_all_skipped_without_cuda_fails_and_says_cuda_is_absent():
+    verdict = cuda_tests_verdict(junit(skipped=21), 0, None, dry_run=False)
+    assert (verdict.status, verdict.exit_status) == ("FAILED", 1)
+    assert verdict.why == f"CUDA is absent (torch.cuda.is_available() is False): 21 of 21 CUDA tests skipped: {SKIP_REASON}"
+
+
+def test_on_the_gpu_one_skipped_cuda_test_fails():
+    verdict = cuda_tests_verdict(junit(passed=20, skipped=1), 0, H200, dry_run=False)
+    assert (verdict.status, verdict.exit_status) == ("FAILED", 1)
+    assert verdict.why == f"1 of 21 CUDA tests skipped on NVIDIA H200, where every one must run: {SKIP_REASON}"
+
+
+def test_a_failed_cuda_test_fails_on_the_gpu_and_in_the_dry_run():
+    for device, dry_run in ((H200, False), (None, True)):
+        verdict = cuda_tests_verdict(junit(passed=19, skipped=1, failed=1), 1, device, dry_run)
+        assert (verdict.status, verdict.why) == ("FAILED", "1 of 21 CUDA tests failed: test_failed_0")
+
+
+def test_no_report_or_no_test_fails_even_in_the_dry_run():
+    for dry_run in (False, True):
+        assert cuda_tests_verdict(None, 124, None, dry_run) == CudaVerdict("FAILED", "pytest wrote no report (exit status 124)")
+        assert cuda_tests_verdict(junit(), 5, None, dry_run).why == "no CUDA test ran (pytest exit status 5)"
+        assert cuda_tests_verdict(junit(skipped=21), 2, None, dry_run).status == "FAILED"  # pytest itself failed
+
+
+def test_the_dry_run_records_all_skipped_without_cuda_as_skipped_not_ok():
+    verdict = cuda_tests_verdict(junit(skipped=21), 0, None, dry_run=True)
+    assert (verdict.status, verdict.exit_status) == ("skipped", 3)
+    assert verdict.why == f"dry run, no GPU: 21 of 21 CUDA tests skipped: {SKIP_REASON}"
+
+
+@pytest.mark.slow  # the GPU check's script end to end (about 10 s)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU mode without a GPU: this machine has one")
+def test_the_gpu_mode_without_a_gpu_fails_saying_cuda_is_absent_and_stops(tmp_path):
+    """scripts/gpu_check.sh without --dry-run on this CPU: pytest skips every CUDA test, the check fails at
+    test_cuda, and it runs neither the benchmark nor the CPU test files."""
+    # a short deadline: a check that went on past test_cuda would leave the CPU test files out and stop in seconds
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "GPU_CHECK_BUDGET_S": "40"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["install", "environment", "test_cuda", "gpu_check"]
+    assert summary[2].startswith("test_cuda: FAILED (exit 1) in ")
+    assert ": CUDA is absent (torch.cuda.is_available() is False): " in summary[2]
+    skipped, total = summary[2].split("is False): ")[1].split(" CUDA tests skipped")[0].split(" of ")
+    assert skipped == total and int(total) >= 21
+    assert summary[3] == "gpu_check: CUDA is absent: bench and cpu_tests not run (use --dry-run on a machine without a GPU)"
+    assert not (tmp_path / "bench").exists()

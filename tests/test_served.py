@@ -293,8 +293,7 @@ def test_the_served_teachers_comparison_at_k_equal_v_is_the_local_teachers(loss)
     mask[0, 2] = 0
     top = teacher_logp.topk(V, dim=-1)
     scores = Scores(logp=losses.topk_teacher(top.values, "tail"), mask=mask,
-                    extra={"ids": top.indices, "token_logp": losses.token_logp(teacher_logp, tokens),
-                           "topk_mass": top.values.exp().sum(-1)})
+                    extra={"ids": top.indices, "token_logp": losses.token_logp(teacher_logp, tokens), "topk_logp": top.values})
     results = []
     for scorer, given in ((served, scores), (local, Scores(logp=teacher_logp, mask=mask))):
         logits = _logits(8).float().requires_grad_()
@@ -303,6 +302,234 @@ def test_the_served_teachers_comparison_at_k_equal_v_is_the_local_teachers(loss)
         results.append((comparison, logits.grad))
     (ours, our_grad), (theirs, their_grad) = results
     assert (ours.per_token - theirs.per_token).abs().max() < 1e-5 and (our_grad - their_grad).abs().max() < 1e-5
-    for key in ("kl/reverse", "kl/forward", "kl/sampled", "student/entropy"):
+    for key in ("kl/reverse", "kl/forward", "kl/sampled", "student/entropy", "teacher/entropy", "agree/top1",
+                "agree/teacher_top1_prob", "agree/teacher_top1_missed"):
         assert (ours.metrics[key] - theirs.metrics[key]).abs().max() < 1e-4, key
     assert torch.allclose(ours.metrics["teacher/topk_mass"], mask, atol=1e-5)
+
+
+# ---- what the metrics are over --------------------------------------------------------------------------
+
+def _one_position(teacher_top, student_probs, mode="tail"):
+    """A served teacher's Scores and the student's log-probs at one position (b = T = 1): the teacher's top-K
+    probabilities `teacher_top` on ids 0..K-1 (the rest of the vocabulary is its bucket)."""
+    from esrdistill.teacher import Scores
+
+    k = len(teacher_top)
+    topk_logp = torch.tensor(teacher_top).log().reshape(1, 1, k)
+    ids = torch.arange(k).reshape(1, 1, k)
+    scores = Scores(logp=losses.topk_teacher(topk_logp, mode), mask=torch.ones(1, 1),
+                    extra={"ids": ids, "token_logp": topk_logp[..., 0], "topk_logp": topk_logp})
+    return scores, torch.tensor(student_probs).log().reshape(1, 1, -1)
+
+
+@pytest.mark.parametrize("mode", losses.TOPK_MODES)
+def test_agreement_is_over_the_teachers_real_tokens_never_its_bucket(mode):
+    """Teacher [0.3, 0.2, bucket 0.5]; the student's top token (id 3) is outside the teacher's top 2. Naive reference,
+    token by token: the teacher's top-1 is token 0, which is not the student's, whose probability of it is 0.1; the
+    teacher is sure of no token; its entropy over the two tokens and the rest as one category is -sum p log p."""
+    import math
+
+    from esrdistill import teachers
+    from esrdistill.teacher import LossSettings
+
+    served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1", top_k=2, mode=mode), Server("m", 512), 5),
+                                          LossSettings(), torch.device("cpu"))
+    scores, student = _one_position([0.3, 0.2], [0.1, 0.1, 0.1, 0.6, 0.1], mode)
+    metrics = served.compare(student, scores, torch.tensor([[3]])).metrics
+    assert set(metrics) == set(teachers.METRICS["served"])
+    assert metrics["agree/top1"].item() == 0.0  # over the K + 1 categories both argmaxes were the bucket: 1.0
+    assert metrics["agree/teacher_top1_prob"].item() == pytest.approx(0.1, abs=1e-6)
+    assert metrics["agree/teacher_top1_missed"].item() == 0.0
+    assert metrics["teacher/entropy"].item() == pytest.approx(-sum(p * math.log(p) for p in (0.3, 0.2, 0.5)), abs=1e-6)
+    assert metrics["teacher/topk_mass"].item() == pytest.approx(0.5, abs=1e-6)
+
+    # the bucket holds 55% and the student's bucket < 1%: the teacher is sure of no token (its top-1 has 30%)
+    scores, student = _one_position([0.3, 0.15], [0.992, 0.004, 0.002, 0.001, 0.001], mode)
+    metrics = served.compare(student, scores, torch.tensor([[0]])).metrics
+    assert metrics["agree/teacher_top1_missed"].item() == 0.0 and metrics["agree/top1"].item() == 1.0
+    # sure of token 0 (60%), which the student gives 0.5%: missed, over the teacher's own probability in either mode
+    scores, student = _one_position([0.6, 0.1], [0.005, 0.005, 0.49, 0.49, 0.01], mode)
+    metrics = served.compare(student, scores, torch.tensor([[2]])).metrics
+    assert metrics["agree/teacher_top1_missed"].item() == 1.0 and metrics["agree/teacher_top1_prob"].item() == pytest.approx(0.005)
+    # renorm makes [0.3, 0.2] a top-1 of 60%: still not sure, since the teacher gives it 30%
+    scores, student = _one_position([0.3, 0.2], [0.005, 0.005, 0.49, 0.49, 0.01], mode)
+    assert served.compare(student, scores, torch.tensor([[2]])).metrics["agree/teacher_top1_missed"].item() == 0.0
+
+
+def _local_and_served(top_k):
+    """A Routed teacher of a local teacher (rows 0, 2) and a served one (rows 1, 3) of vocabulary V, over hand-made
+    Scores of one position per row; the (b, 1, V) student log-probs."""
+    from esrdistill.teacher import LossSettings, SameTokenizer, Scores
+    from esrdistill.teachers import RoutedScores
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logp = torch.log_softmax(torch.randn(4, 1, V, generator=g) * 3, -1)
+    student = torch.log_softmax(torch.randn(4, 1, V, generator=g) * 3, -1)
+    local = SameTokenizer(None, 0, V, 2, LossSettings())
+    served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1", top_k=top_k), Server("m", 512), V),
+                                          LossSettings(), torch.device("cpu"))
+    top = teacher_logp[[1, 3]].topk(top_k, dim=-1)
+    parts = [("local", torch.tensor([0, 2]), Scores(logp=teacher_logp[[0, 2]], mask=torch.ones(2, 1))),
+             ("served", torch.tensor([1, 3]), Scores(logp=losses.topk_teacher(top.values, "tail"), mask=torch.ones(2, 1),
+                                                     extra={"ids": top.indices, "token_logp": top.values[..., 0],
+                                                            "topk_logp": top.values}))]
+    alone = {"local": local.compare(student[[0, 2]], parts[0][2], torch.zeros(2, 1, dtype=torch.long)).metrics,
+             "served": served.compare(student[[1, 3]], parts[1][2], torch.zeros(2, 1, dtype=torch.long)).metrics}
+    return {"local": local, "served": served}, RoutedScores(logp=None, mask=torch.ones(4, 1), parts=parts), student, alone
+
+
+def test_several_teachers_never_average_a_top_k_kl_with_a_full_vocabulary_one():
+    """A served teacher with K < V beside a local one: kl/reverse, kl/forward and teacher/entropy are the local
+    teacher's alone, the served one's are <key>/served; agreement (exact for both) is over every row. At K = V, and
+    when token selection reads the keys per position, they stay over every row."""
+    from esrdistill.teachers import Routed
+
+    subs, scores, student, alone = _local_and_served(top_k=3)
+    tokens = torch.zeros(4, 1, dtype=torch.long)
+    out = Routed(subs).compare(student, scores, tokens).metrics
+    for key in ("kl/reverse", "kl/forward", "teacher/entropy"):
+        assert key not in out
+        assert out[key + ":num"].sum() / out[key + ":den"].sum() == pytest.approx(alone["local"][key].mean().item(), abs=1e-6)
+        assert out[f"{key}/served:num"].sum() / out[f"{key}/served:den"].sum() == pytest.approx(alone["served"][key].mean().item(), abs=1e-6)
+        assert abs(alone["served"][key].mean() - alone["local"][key].mean()) > 1e-3  # they would have been averaged
+    assert out["agree/teacher_top1_prob"].sum() / 4 == pytest.approx(
+        (alone["local"]["agree/teacher_top1_prob"].sum() + alone["served"]["agree/teacher_top1_prob"].sum()).item() / 4)
+    assert "kl/reverse" in Routed(subs, signals=True).compare(student, scores, tokens).metrics  # token selection's signal
+    subs, scores, student, _ = _local_and_served(top_k=V)
+    out = Routed(subs).compare(student, scores, tokens).metrics
+    assert "kl/reverse" in out and "kl/forward/served:num" not in out
+
+
+# ---- the start-up check, against a stand-in for vLLM's server ---------------------------------------------
+
+class _Standin(BaseHTTPRequestHandler):
+    """/v1/models, /v1/completions (prompt_logprobs of made-up values) and /tokenize with `tokenizer`; 404 elsewhere."""
+
+    tokenizer = None
+    asked: list = []  # the paths asked, in order
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        type(self).asked.append(self.path)
+        if self.path == "/v1/models":
+            return self._send(200, {"data": [{"id": "m", "max_model_len": 512}]})
+        self._send(404, {"error": {"message": "Not Found"}})
+
+    def do_POST(self):
+        type(self).asked.append(self.path)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/completions":
+            k = body["prompt_logprobs"]
+            entry = {str(i): {"logprob": -1.0 - i, "rank": i + 1} for i in range(k)}
+            return self._send(200, {"choices": [{"prompt_logprobs": [None] + [entry] * (len(body["prompt"]) - 1)}]})
+        if self.path == "/tokenize" and type(self).tokenizer is not None:
+            ids = type(self).tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
+            return self._send(200, {"tokens": ids, "count": len(ids), "max_model_len": 512})
+        self._send(404, {"error": {"message": "Not Found"}})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def standin():
+    _Standin.tokenizer, _Standin.asked = None, []
+    server = HTTPServer(("127.0.0.1", 0), _Standin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_url_with_the_openai_clients_v1_is_the_same_server(standin):
+    from esrdistill import build
+
+    for suffix in ("", "/", "/v1", "/v1/", "/V1"):
+        settings = build.served_settings(make_config({"teacher": standin + suffix}))
+        assert settings.url == standin
+        assert served_teacher.check_server(settings) == Server("m", 512)
+    assert set(_Standin.asked) == {"/v1/models", "/v1/completions"}  # never /v1/v1/...
+    assert served_teacher.base_url("http://h:8000/api/v1") == "http://h:8000/api"  # a proxy's prefix stays
+    assert served_teacher.base_url("http://h:8000/v10") == "http://h:8000/v10"
+
+
+def test_a_server_whose_tokenizer_is_not_teacher_tokenizer_is_refused_with_both_id_lists(standin, byte_level):
+    from helpers import make_tokenizer
+
+    settings = ServedSettings(url=standin, top_k=4)
+    _Standin.tokenizer = byte_level  # the server's: other ids for the same text
+    local = make_tokenizer()
+    with pytest.raises(ServedTeacherError) as caught:
+        served_teacher.check_server(settings, tokenizer=local)
+    message = str(caught.value)
+    assert str(byte_level.encode(served_teacher.PROBE_TEXT, add_special_tokens=False)) in message
+    assert str(local.encode(served_teacher.PROBE_TEXT, add_special_tokens=False)) in message
+    assert "serve the model whose tokenizer teacher_tokenizer is, or set teacher_tokenizer to the served model's" in message
+    _Standin.tokenizer = make_tokenizer()  # the same ids: accepted
+    assert served_teacher.check_server(settings, tokenizer=local) == Server("m", 512)
+    _Standin.tokenizer = None  # a server that cannot tokenise (--skip-tokenizer-init): not checked
+    assert served_teacher.check_server(settings, tokenizer=local) == Server("m", 512)
+
+
+def _no_loading(monkeypatch):
+    from esrdistill import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the server was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+
+
+def test_training_against_a_server_with_another_tokenizer_stops_before_any_model_loads(standin, byte_level, tiny_dirs,
+                                                                                      tmp_path, monkeypatch):
+    from esrdistill.train import train
+    from helpers import tiny_overrides
+
+    _Standin.tokenizer = byte_level
+    _no_loading(monkeypatch)
+    with pytest.raises(ServedTeacherError, match="tokenizes a test text into other ids than teacher_tokenizer"):
+        train(make_config(tiny_overrides(tiny_dirs[0], standin, tmp_path / "run", teacher_top_k=4)))
+
+
+def test_every_served_teacher_is_asked_before_any_model_loads(tiny_dirs, tmp_path, monkeypatch):
+    """Several teachers, the default one local: a served one where nothing answers stops the run before the student
+    and the default teacher load."""
+    from esrdistill.train import train
+    from helpers import tiny_overrides
+
+    port = _closed_port()
+    values = tiny_overrides(tiny_dirs[0], None, tmp_path / "run", default_teacher="local",
+                            teachers={"local": tiny_dirs[1], "served": {"model": f"http://127.0.0.1:{port}/v1"}})
+    del values["teacher"]
+    _no_loading(monkeypatch)
+    with pytest.raises(ServedTeacherError, match=f"no vLLM server answers at http://127.0.0.1:{port}/v1/models"):
+        train(make_config(values))
+
+
+def test_a_prompt_that_fills_the_servers_context_leaves_room_for_the_token_it_generates():
+    """The server scores a prompt + response of at most max_model_len - 1 tokens (it generates one more): with
+    max_model_len=64 and rollout_tokens=8, teacher prompts of up to 55 tokens are kept, one of 56 is dropped."""
+    from types import SimpleNamespace
+
+    from esrdistill import build
+    from esrdistill.data import Problem, Task
+    from helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    pair = build.Pair(student=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1024)), teacher=None,
+                      tokenizer=tok, teacher_tokenizer=tok, vocab_size=len(tok), eos_ids=[tok.eos_token_id],
+                      teacher_eos_ids=[tok.eos_token_id], relation="same", cross=False, device=torch.device("cpu"),
+                      dtype=torch.float32, served=Server("m", 64))
+    cfg = make_config({"teacher": "http://127.0.0.1:1", "system_prompt": None})
+    problems = [Problem("x" * n, "1") for n in range(1, 60)]
+    kept = build.prompt_set(cfg, pair, Task("t", [], [], []), problems, 8, "rollout_tokens")
+    lengths = sorted(len(t) for t in kept.teacher_ids)
+    assert lengths[-1] == 64 - 1 - 8 and kept.dropped == 59 - len(lengths) and kept.dropped > 0
+    assert "minus 1 for the token it generates" in kept.why_dropped

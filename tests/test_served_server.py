@@ -121,34 +121,72 @@ def test_training_with_the_served_teacher_at_k_equal_v_matches_the_local_teacher
         assert m["teacher/topk_mass"] > 0.999 and m["teacher/request_s"] > 0 and m["teacher/retries"] == 0
 
 
-def test_a_server_killed_mid_run_stops_it_cleanly_and_resume_continues_exactly(served, tmp_path, monkeypatch):
-    """Kill the server after step 1: the retries fail, the run stops with ServedTeacherDown and keeps its step-1
-    checkpoint; with the server back, resume=true ends with the metrics of an uninterrupted run."""
-    from esrdistill import checkpoint
+def test_a_server_killed_mid_step_keeps_every_finished_step_and_resume_continues_exactly(served, tmp_path, monkeypatch):
+    """save_every=0, and the server killed in step 3, after its rollouts and before its requests: the retries fail,
+    the run checkpoints the two finished steps and stops with ServedTeacherDown; with the server back, resume=true
+    ends with the metrics of an uninterrupted run."""
+    from esrdistill import checkpoint, served_teacher
     from esrdistill.config import make_config
     from esrdistill.served_teacher import ServedTeacherDown
     from esrdistill.train import train
 
     student, _, server = served
-    values = dict(steps=3, save_every=1, temperature=1.0, teacher_top_k=8, teacher_retries=1, teacher_timeout_s=5)
+    values = dict(steps=4, save_every=0, temperature=1.0, teacher_top_k=8, teacher_retries=1, teacher_timeout_s=5)
     straight = tracking.read_metrics(train(make_config(tiny_overrides(student, server.url, tmp_path / "straight", **values))))
 
     cut = tiny_overrides(student, server.url, tmp_path / "cut", **values)
-    original_log = tracking.MetricsLogger.log
+    real_plan, plans = served_teacher.ServedTeacher.plan, []
 
-    def kill_after_step_1(self, step, metrics):
-        original_log(self, step, metrics)
-        if step == 1:
+    def kill_in_step_3(self, *args, **kwargs):
+        plans.append(1)
+        if len(plans) == 3:
             server.stop()
+        return real_plan(self, *args, **kwargs)
 
-    monkeypatch.setattr(tracking.MetricsLogger, "log", kill_after_step_1)
+    monkeypatch.setattr(served_teacher.ServedTeacher, "plan", kill_in_step_3)
     with pytest.raises(ServedTeacherDown, match="gave no answer in 2 tries.*resume=true"):
         train(make_config(cut))
-    monkeypatch.setattr(tracking.MetricsLogger, "log", original_log)
-    assert checkpoint.latest(tmp_path / "cut").name == "step_0000001"
+    monkeypatch.setattr(served_teacher.ServedTeacher, "plan", real_plan)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_0000002"]
+    assert [m["step"] for m in tracking.read_metrics(tmp_path / "cut")] == [1, 2]
     server.start()
     resumed = tracking.read_metrics(train(make_config({**cut, "resume": True})))
-    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
         assert a["rollout/tokens"] == b["rollout/tokens"]
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["teacher/topk_mass"] - b["teacher/topk_mass"]) < 1e-5
+
+
+def test_a_server_serving_another_tokenizer_than_teacher_tokenizer_is_refused_at_start(served, byte_level):
+    """The server's /tokenize reads the probe text as the served model's ids: a local tokenizer with other ids is
+    refused with both lists, the served model's own is accepted."""
+    from esrdistill.served_teacher import PROBE_TEXT, ServedSettings, ServedTeacherError, check_server
+
+    settings = ServedSettings(url=served[2].url, top_k=4)
+    with pytest.raises(ServedTeacherError, match="tokenizes a test text into other ids than teacher_tokenizer") as caught:
+        check_server(settings, tokenizer=byte_level)
+    for tokenizer in (byte_level, make_tokenizer()):
+        assert str(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) in str(caught.value)
+    assert check_server(settings, tokenizer=make_tokenizer()).max_model_len == 512
+
+
+def test_a_prompt_that_fills_the_servers_context_is_scored(served, tmp_path):
+    """--max-model-len 512, rollout_tokens=8: the longest teacher prompt kept leaves room for the 8 response tokens
+    and the one token the server generates (511 tokens scored), and the server scores it; vLLM refuses 512."""
+    from esrdistill import build
+    from esrdistill.config import make_config
+    from esrdistill.data import Problem, Task
+    from esrdistill.served_teacher import Client, ServedTeacherError
+
+    student, _, server = served
+    k = 8
+    cfg = make_config(tiny_overrides(student, server.url, tmp_path / "run", rollout_tokens=k))
+    pair = build.served_pair(cfg, torch.device("cpu"), trainable=True)
+    problems = [Problem("x" * n, "1") for n in range(440, 500)]  # teacher prompts of about 477 to 536 tokens
+    kept = build.prompt_set(cfg, pair, Task("t", [], [], []), problems, k, "rollout_tokens")
+    longest = list(max(kept.teacher_ids, key=len))
+    client = Client(build.served_settings(cfg), pair.served, pair.vocab_size)
+    row = client.submit(longest + [40] * k, len(longest)).result()
+    assert row.ids.shape == (k, cfg.teacher_top_k) and len(longest) + k == 511
+    with pytest.raises(ServedTeacherError, match="HTTP 400"):  # the fact the limit stands on
+        Client(build.served_settings(cfg), pair.served, pair.vocab_size).submit(longest + [40] * (k + 1), len(longest)).result()

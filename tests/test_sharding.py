@@ -7,6 +7,7 @@ the batch over processes, and every difference left would be the sharded code's.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_overrides
+from helpers import save_pair, tiny_overrides
 from esrdistill import sharding, tracking
 from esrdistill.config import ConfigError, make_config
 from esrdistill.train import train
@@ -107,6 +108,48 @@ def test_an_interrupted_fsdp2_run_resumes_to_the_uninterrupted_one(tiny_dirs, tm
     assert _weights_differ(a, b).max().item() < 1e-6
 
 
+@pytest.mark.slow
+def test_an_unevenly_sharded_student_checkpoints_resumes_and_saves_final(tiny_dirs, tmp_path):
+    """A student whose LM head (359 rows) and MLP (intermediate size 63) 2 processes shard with padding: the run
+    writes its checkpoints and final/ (an ordinary Hugging Face directory of those shapes, the weights of the last
+    checkpoint); resumed from its step-2 checkpoint it repeats the uninterrupted run (losses rel 1e-6, final
+    weights 1e-6)."""
+    _, teacher = tiny_dirs
+    student = save_pair(tmp_path / "uneven", seed=1, vocab_rows=359, intermediate=63)
+    common = dict(steps=4, lora_r=0, lr=1e-3, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = launch_fsdp2(tiny_overrides(student, teacher, straight, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+    final = AutoModelForCausalLM.from_pretrained(straight / "final")
+    assert (final.config.vocab_size, final.config.intermediate_size) == (359, 63)
+    last = load_file(str(straight / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert sorted(last) == sorted(final.state_dict())
+    assert all(torch.equal(last[k], v) for k, v in final.state_dict().items())
+
+    shutil.copytree(straight, resumed)  # the run as it stood after its step-2 checkpoint
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    shutil.rmtree(resumed / "final")
+    result = launch_fsdp2(tiny_overrides(student, teacher, resumed, resume=True, **common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(step 2)" in result.stderr + result.stdout
+    assert [m["step"] for m in tracking.read_metrics(resumed)] == [1, 2, 3, 4]
+    assert [m["loss"] for m in tracking.read_metrics(resumed)] == pytest.approx(
+        [m["loss"] for m in tracking.read_metrics(straight)], rel=1e-6)
+    again = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    assert _weights_differ(final.state_dict(), again).max().item() < 1e-6
+
+
+def test_views_of_a_padded_buffer_are_copied_to_tensors_of_their_own():
+    padded = torch.arange(12.0).reshape(4, 3)  # FSDP2's all-gather buffer: 3 rows of a parameter and 1 of padding
+    view, tight = padded[:3], torch.ones(2, 2)
+    out = sharding._own_storage({"embed": view, "head": view, "norm": tight, "step": 3})
+    assert out["norm"] is tight and out["step"] == 3
+    assert torch.equal(out["embed"], view) and out["embed"].untyped_storage().nbytes() == 3 * 3 * 4
+    assert out["head"] is out["embed"]  # names that shared a tensor still share one
+
+
 def test_fsdp_version_1_and_ram_efficient_loading_are_refused_with_what_works(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert not sharding.requested()
@@ -141,11 +184,14 @@ def test_the_shipped_accelerate_configs_ask_for_what_esrdistill_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "uneven"])
 def test_gathered_generation_and_the_weight_push_see_the_whole_student(tmp_path, kind):
     """Under FSDP2 the two processes generate for different numbers of steps (3 and 8) on the gathered
     student, without hanging, and get what the unsharded model generates; the vLLM push (a recording
-    engine) receives the unsharded model's weights, LoRA merged, exactly."""
+    engine) receives the unsharded model's weights, LoRA merged, exactly; the whole student saved as a
+    checkpoint and as final/ reads back as those weights, its LM head tied where the student's is. "uneven":
+    359 LM head rows and an intermediate size of 63, which 2 processes shard with padding (a 151,936-row
+    vocabulary on 3 or 6 GPUs)."""
     worker = Path(__file__).with_name("fsdp2_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), "--num_processes", "2",
            "--main_process_port", str(_free_port()), str(worker), str(tmp_path), kind]
@@ -157,3 +203,7 @@ def test_gathered_generation_and_the_weight_push_see_the_whole_student(tmp_path,
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert out["push_max_diff"] == 0.0
         assert out["generated"] == out["expected"] and len(out["generated"][0]) == 3 + steps
+    first = json.loads((tmp_path / "rank0.json").read_text())
+    assert first["final_max_diff"] == 0.0
+    assert "saved_max_diff" not in first if kind == "lora" else first["saved_max_diff"] == 0.0  # LoRA: adapter checkpoints
+    assert first["tied"] == [kind == "uneven"] * 2  # the whole student's, then final/'s

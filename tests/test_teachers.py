@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_model, make_tokenizer, save_pair, tiny_overrides
+from helpers import make_model, make_tokenizer, record_teachers, save_pair, tiny_overrides
 from esrdistill import build, order, teachers, tracking
 from esrdistill.config import TEACHER_KEYS, ConfigError, make_config
 from esrdistill.cross_teacher import CrossTokenizer
@@ -302,19 +302,35 @@ def test_an_offloaded_teacher_is_on_the_device_only_while_it_scores(three_teache
         del model.to
 
 
-def test_offloaded_teachers_train_as_resident_ones(tiny_dirs, tmp_path):
+def test_offloaded_teachers_move_to_the_device_for_each_scoring_and_train_as_resident_ones(tiny_dirs, tmp_path, monkeypatch):
+    """Two local teachers through a run. Offloaded, each one moves to the run's device for each of its scorings and
+    back after it: at its k-th scoring it has moved 2k - 1 times, at each rollout and after each step an even
+    number of times (here the device is the CPU itself: tests/test_cuda.py checks where the weights are on a GPU).
+    Resident, neither moves. The two runs have the same losses."""
     student, teacher = tiny_dirs
     other = save_pair(tmp_path / "other", seed=5)
     data = _routed_data(tmp_path / "data.jsonl")
-    runs = {}
+    runs, events = {}, {}
     for offload in (False, True):
         values = tiny_overrides(student, None, tmp_path / f"run-{offload}", dataset=data, dataset_options={}, steps=2,
                                 teachers={"one": teacher, "two": other}, teacher_field="source", teacher_offload=offload)
         del values["teacher"]
-        train(values)
+        with monkeypatch.context() as patch:
+            events[offload] = record_teachers(patch, {"one": teacher, "two": other})
+            train(values)
         runs[offload] = tracking.read_metrics(tmp_path / f"run-{offload}")
-    for x, y in zip(runs[False], runs[True]):
-        assert x["loss"] == y["loss"] and x["kl/reverse/two"] == y["kl/reverse/two"]
+    for offload, recorded in events.items():
+        scorings = [e[1:] for e in recorded if e[0] == "score"]  # (name, moves, device)
+        between = [e[1] for e in recorded if e[0] != "score"]  # at each rollout and step: {name: (moves, device)}
+        assert [e[0] for e in recorded].count("step") == 2
+        for name in ("one", "two"):
+            mine = [moves for n, moves, _ in scorings if n == name]
+            assert len(mine) >= 2  # scored more than once: the moves repeat
+            assert mine == (list(range(1, 2 * len(mine), 2)) if offload else [0] * len(mine)), (offload, name)
+        assert all(moves % 2 == 0 for where in between for moves, _ in where.values())
+        assert {device for _, _, device in scorings} == {"cpu"}
+    assert [m["loss"] for m in runs[True]] == [m["loss"] for m in runs[False]]
+    assert [m["kl/reverse/two"] for m in runs[True]] == [m["kl/reverse/two"] for m in runs[False]]
 
 
 def test_each_teacher_reads_its_own_view_of_the_prompt(tiny_dirs, tmp_path):

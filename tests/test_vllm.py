@@ -172,3 +172,18 @@ def test_a_head_size_the_cpu_attention_refuses_is_a_one_line_error_naming_the_hf
     err = capsys.readouterr().err
     assert "head_dim is 16 = hidden_size 32 / num_attention_heads 2" in err and "rollout_engine=hf" in err
     assert "Traceback" not in err and "Unsupported CPU attention" not in err
+
+
+def test_a_run_with_the_vllm_engine_exits_without_a_traceback(vllm_dirs, tmp_path):
+    """The command leaves its process group before vLLM's own teardown at exit, which used to find its groups
+    gone and print "Invalid process group specified" with a traceback after a run that succeeded."""
+    import subprocess
+    import sys
+
+    student, teacher = vllm_dirs
+    values = tiny_overrides(student, teacher, tmp_path / "run", steps=1, rollout_engine="vllm", vllm_kv_cache_gb=0.25)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    result = subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Invalid process group" not in result.stderr, result.stderr[-3000:]

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from esrdistill.config import load_config, parse_overrides
+from esrdistill.errors import UserError
 from esrdistill.tracking import read_metrics
 
 # A task on which the packaged student writes long answers (step-by-step reasoning), so that a
@@ -158,7 +159,10 @@ def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str 
             args = [f"{k}={json.dumps(v) if isinstance(v, dict) else ('null' if v is None else v)}" for k, v in values.items()]
             print(f"[bench] {label}: {cfg.steps} steps of {cfg.batch_size} rollouts of {'exactly' if cfg.min_new_tokens else 'at most'} "
                   f"{cfg.rollout_tokens or cfg.max_new_tokens} tokens ({engine} engine) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args], check=True)
+            done = subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args])
+            if done.returncode:  # its message is above
+                raise UserError(f"bench: the '{label}' run failed (exit status {done.returncode}; its message is above); "
+                                f"its run directory is {cfg.run_dir}")
             results[label] = summarise(read_metrics(cfg.run_dir))
     report = table(results)
     print("\n" + report)

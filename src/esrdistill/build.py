@@ -23,7 +23,7 @@ from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
 from esrdistill.evaluate import EvalSettings
 from esrdistill.grading import make_grader
 from esrdistill.packaged import is_packaged, resolve
-from esrdistill.served_teacher import Client, ServedSettings, ServedTeacher, check_server
+from esrdistill.served_teacher import Client, ServedSettings, ServedTeacher, base_url, check_server
 from esrdistill.teacher import LossSettings, SameTokenizer, Teacher
 
 
@@ -61,6 +61,8 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         eval_prompts=cfg.eval_prompts if eval_prompts is None else eval_prompts,
         fewshot=teachers.fewshot_counts(cfg),
         route=teachers.router(cfg),
+        fewshot_template=({name: view.fewshot_template for name, view in teachers.views(cfg).items() if view.teacher_fewshot}
+                          if cfg.teachers else cfg.fewshot_template),  # checked against the worked examples now
         seed=cfg.data_seed,
         options=cfg.dataset_options,
         split=cfg.dataset_split,
@@ -165,14 +167,8 @@ def served_pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
                           "teacher need its weights, so give teacher its directory or hub id there")
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
-    teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.student, cfg.model_cache)
-    relation = models.tokenizer_relation(tokenizer, teacher_tokenizer)
-    appended = len(teacher_tokenizer.get_vocab()) - len(tokenizer.get_vocab())
-    if relation == models.DIFFERENT or appended > MAX_APPENDED:
-        raise ConfigError(f"teacher_tokenizer={cfg.teacher_tokenizer} does not have the student's ids (or appends "
-                          f"{appended} > {MAX_APPENDED} tokens to them): a served teacher must share the student's "
-                          "tokenizer (docs/served-teacher.md)")
-    server = check_server(served_settings(cfg), appended)  # before the weights: enough --max-logprobs?
+    teacher_tokenizer, relation, appended = served_tokenizer(cfg, tokenizer)
+    server = check_server(served_settings(cfg), appended, teacher_tokenizer)  # before the weights: enough --max-logprobs?
     student = models.load_model(cfg.student, models.master_dtype(dtype, cfg.lora_r), device, cfg.model_cache)
     student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     vocab = len(tokenizer.get_vocab())
@@ -183,9 +179,23 @@ def served_pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
                 relation=relation, cross=False, device=device, dtype=dtype, served=server)
 
 
+def served_tokenizer(cfg: Config, student_tokenizer) -> tuple[object, str, int]:
+    """(the tokenizer of the teacher served at cfg.teacher: teacher_tokenizer, default the student's; its
+    models.tokenizer_relation to the student's; how many tokens it appends), or a ConfigError when it does not have the
+    student's ids."""
+    tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.student, cfg.model_cache)
+    relation = models.tokenizer_relation(student_tokenizer, tokenizer)
+    appended = len(tokenizer.get_vocab()) - len(student_tokenizer.get_vocab())
+    if relation == models.DIFFERENT or appended > MAX_APPENDED:
+        raise ConfigError(f"teacher_tokenizer={cfg.teacher_tokenizer} of the teacher served at {cfg.teacher} does not have "
+                          f"the student's ids (or appends {appended} > {MAX_APPENDED} tokens to them): a served teacher "
+                          "must share the student's tokenizer (docs/served-teacher.md)")
+    return tokenizer, relation, appended
+
+
 def served_settings(cfg: Config) -> ServedSettings:
-    """The teacher_* keys of a teacher served at cfg.teacher."""
-    return ServedSettings(url=cfg.teacher, model_name=cfg.teacher_model_name, top_k=cfg.teacher_top_k, mode=cfg.served_loss,
+    """The teacher_* keys of a teacher served at cfg.teacher (its URL with or without the /v1 an OpenAI client is given)."""
+    return ServedSettings(url=base_url(cfg.teacher), model_name=cfg.teacher_model_name, top_k=cfg.teacher_top_k, mode=cfg.served_loss,
                           concurrency=cfg.teacher_concurrency, timeout_s=cfg.teacher_timeout_s, retries=cfg.teacher_retries)
 
 
@@ -251,8 +261,9 @@ def eval_engine_kind(cfg: Config) -> str:
 
 def check_available(cfg: Config) -> None:
     """Import now what a training run will need later (vLLM for its rollouts or its evaluations,
-    TensorBoard, wandb), and ask a served teacher's server whether it answers, so that a missing package
-    or server stops it before anything is written or trained."""
+    TensorBoard, wandb), and ask every served teacher's server whether it answers (and with its tokenizer:
+    check_served), so that a missing package or server stops it before any model loads or anything is
+    written or trained."""
     from esrdistill.tracking import check_loggers
 
     evaluates = cfg.eval_every > 0 and cfg.eval_prompts > 0
@@ -262,8 +273,22 @@ def check_available(cfg: Config) -> None:
 
             import_vllm(f"{key}=vllm")
     check_loggers(cfg.tensorboard, cfg.wandb)
-    if is_served(cfg.teacher):  # a server that is not there, or cannot return teacher_top_k log-probs
-        check_server(served_settings(cfg))
+    check_served(cfg)
+
+
+def check_served(cfg: Config) -> None:
+    """Ask the server of each served teacher (teacher=http://..., or each one in `teachers`) whether it answers, returns
+    teacher_top_k log-probs and tokenizes as teacher_tokenizer does (served_teacher.check_server): the tokenizers are
+    loaded for that (small, fast), the weights not. A packaged model's tokenizer is not converted yet: its server is
+    asked the rest now and its tokenizer checked when the pair loads, before the weights."""
+    served = [view for view in (teachers.views(cfg).values() if cfg.teachers else [cfg]) if is_served(view.teacher)]
+    student = None
+    for view in served:
+        tokenizer, appended = None, 0
+        if not any(is_packaged(spec) for spec in (view.student, view.teacher_tokenizer or view.student)):
+            student = student or models.load_tokenizer(view.student, view.model_cache)
+            tokenizer, _, appended = served_tokenizer(view, student)
+        check_server(served_settings(view), appended, tokenizer)
 
 
 def final_dtype(cfg: Config, pair: Pair) -> torch.dtype:
@@ -302,11 +327,17 @@ def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int, n
         return teachers.prompt_set(cfg, pair, task, problems, new_tokens, new_tokens_key)
     student_style, teacher_style = styles(cfg, task)
     student_context = prompts.context_length(pair.student)
-    teacher_context = pair.served.max_model_len if pair.served is not None else prompts.context_length(pair.teacher)
+    if pair.served is not None:  # the server generates one token after what it scores: it needs room for it
+        teacher_limit = prompts.Limit("teacher", pair.served.max_scored_tokens - new_tokens,
+                                      f"the teacher server's context of {pair.served.max_model_len} tokens (--max-model-len), "
+                                      f"minus 1 for the token it generates, minus {new_tokens_key}={new_tokens}")
+    else:
+        teacher_context = prompts.context_length(pair.teacher)
+        teacher_limit = prompts.Limit("teacher", teacher_context - new_tokens,
+                                      f"the teacher's context of {teacher_context} tokens minus {new_tokens_key}={new_tokens}")
     limits = [prompts.Limit("student", student_context - new_tokens,
                             f"the student's context of {student_context} tokens minus {new_tokens_key}={new_tokens}"),
-              prompts.Limit("teacher", teacher_context - new_tokens,
-                            f"the teacher's context of {teacher_context} tokens minus {new_tokens_key}={new_tokens}")]
+              teacher_limit]
     if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens < limits[0].tokens:
         limits[0] = prompts.Limit("student", cfg.max_prompt_tokens, f"max_prompt_tokens={cfg.max_prompt_tokens}")
     return prompts.prepare(problems, pair.tokenizer, pair.teacher_tokenizer, student_style, teacher_style, limits[0], limits[1])

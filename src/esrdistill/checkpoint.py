@@ -8,6 +8,7 @@ uninterrupted one would have done.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -44,6 +45,11 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def step_of(path: str | Path) -> int:
+    """The number of optimizer steps a checkpoint holds."""
+    return int(json.loads((Path(path) / "state.json").read_text())["step"])
+
+
 class NonFiniteWeights(RuntimeError):
     """The model holds NaN or inf: it is never written over a good checkpoint."""
 
@@ -54,22 +60,65 @@ def check_finite(model) -> None:
         raise NonFiniteWeights(f"{len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not saving them")
 
 
+class DiskFull(UserError):
+    """A checkpoint or final/ that did not fit on its disk: the partial copy is removed, the earlier ones kept."""
+
+
+# what a write that ran out of room says: OSError's strerror, safetensors' message, torch's short-write checks
+_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "unexpected pos", "file write failed")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in _FULL_MESSAGES)
+
+
+def _gigabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e7 else f"{n_bytes / 1e6:.2f} MB"
+
+
+def _write_or_clean_up(write, tmp: Path, run_dir: Path, what: str) -> None:
+    """Run write(); on any failure remove the partial `tmp`, and raise DiskFull when the disk ran out of room
+    (naming the directory, the free space and the newest intact checkpoint); re-raise anything else."""
+    try:
+        write()
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_disk_full(err):
+            raise
+        where = tmp.parent if tmp.parent.exists() else run_dir
+        free = _gigabytes(shutil.disk_usage(where).free)
+        found = list_checkpoints(run_dir)
+        intact = (f"the newest intact checkpoint is {found[-1][1]} (step {found[-1][0]})" if found
+                  else "there is no earlier checkpoint")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "torch: ", reason)  # torch's short-write check
+        raise DiskFull(f"{what} could not be written: the disk holding {where} is full ({reason}); removed the partial "
+                       f"{tmp}, {free} free now; {intact}. Free some space (or lower keep_checkpoints) and resume") from None
+
+
 def save(run_dir: str | Path, step: int, model, optimizer, scheduler, keep: int, protect: int | None = None) -> Path:
     """Write the checkpoint after `step` completed optimizer steps; keep the newest `keep`, and also
-    the checkpoint of step `protect` (the best evaluation so far) when there is one."""
+    the checkpoint of step `protect` (the best evaluation so far) when there is one. A full disk is a
+    DiskFull error, the partial copy removed and the earlier checkpoints untouched."""
     check_finite(model)
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if _is_peft(model):
-        model.save_pretrained(tmp / "adapter")  # a loadable peft adapter directory
-    else:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+    def write() -> None:
+        tmp.mkdir()
+        if _is_peft(model):
+            model.save_pretrained(tmp / "adapter")  # a loadable peft adapter directory
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+    _write_or_clean_up(write, tmp, Path(run_dir), f"the checkpoint of step {step}")
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -136,8 +185,12 @@ def save_final(out_dir: str | Path, model, tokenizer, merge_lora: bool, dtype: t
         model = model.merge_and_unload()
     if dtype is not None and not _is_peft(model):
         model = model.to(dtype)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+
+    def write() -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _write_or_clean_up(write, tmp, out.parent, f"the final model {out}")
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)

@@ -13,7 +13,7 @@ from esrdistill.errors import UserError
 # Under `accelerate launch` / torchrun a process that exits with an error makes the launcher print a
 # ChildFailedError traceback of its own after our message; no exit status of ours avoids it but 0.
 LAUNCHER_NOTE = ("\n(torch's launcher reports below that the processes failed, with a ChildFailedError traceback of its "
-                 "own: the error is the message above)")
+                 "own: the error is the message above; `esrdistill launch` ends without it)")
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
     try:
         train(cfg)
     except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr)
+        _report(str(stop), launcher_note=False)  # every process stopped after the same step: one message
         return 130
     return 0
 
@@ -89,9 +89,15 @@ def cmd_diagnose(args) -> int:
 def cmd_quickstart(args) -> int:
     from esrdistill.quickstart import quickstart
 
+    from esrdistill.train import TrainingInterrupted
+
     items = list(args.overrides)
     variant = items.pop(0) if items and "=" not in items[0] else "default"
-    quickstart(items, variant)
+    try:
+        quickstart(items, variant)
+    except TrainingInterrupted as stop:
+        _report(str(stop), launcher_note=False)
+        return 130
     return 0
 
 
@@ -131,6 +137,12 @@ def cmd_lab(args) -> int:
 
         repro(out, quick=args.quick, parallel=args.parallel)
     return 0
+
+
+def cmd_launch(args) -> int:
+    from esrdistill.launch import launch
+
+    return launch(args.rest)
 
 
 def cmd_models(args) -> int:
@@ -215,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     p.set_defaults(func=cmd_lab)
 
+    p = sub.add_parser("launch", help="several processes (accelerate launch's options, then `train ...`), ending as one "
+                                      "process does: one message, its exit status", prefix_chars="+")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[accelerate launch options] train [CONFIG.yaml] [key=value ...]")
+    p.set_defaults(func=cmd_launch)
+
     p = sub.add_parser("models", help="list the packaged models")
     p.set_defaults(func=cmd_models)
     return parser
@@ -232,6 +249,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+def _report(text: str, launcher_note: bool = True) -> None:
+    """Print a message for the user on stderr once: from the first process when several run."""
+    from esrdistill.ranks import rank
+
+    if rank() == 0:
+        under_accelerate = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not os.environ.get("ESRDISTILL_LAUNCH")
+        print(text + (LAUNCHER_NOTE if launcher_note and under_accelerate else ""), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -241,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
-    from esrdistill.ranks import leave_process_group, rank
-
-    def report(text: str) -> None:  # one message, not one per process
-        if rank() == 0:
-            print(text + (LAUNCHER_NOTE if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""), file=sys.stderr)
+    from esrdistill.ranks import leave_process_group
 
     try:
         if getattr(args, "help_config", False):
@@ -253,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return args.func(args)
     except ConfigError as err:
-        report(f"config error: {err}")
+        _report(f"config error: {err}")
         return 2
     except KeyboardInterrupt:
-        report("interrupted")
+        _report("interrupted")
         return 130
     except (UserError, FileExistsError) as err:
-        report(f"error: {err}")
+        _report(f"error: {err}")
         return 1
     finally:
         leave_process_group()

@@ -61,11 +61,11 @@ class Config:
     model_cache: Optional[str] = None  # where packaged models are converted; null = ~/.cache/esrdistill (or $ESRDISTILL_CACHE)
 
     # ---- data ---------------------------------------------------------------------------------
-    dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, a .jsonl/.json/.parquet file, or a datasets name
+    dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, a .jsonl/.json/.csv/.parquet file, a directory of them (split by file name, as datasets does), or a datasets hub name
     dataset_options: dict = field(default_factory=dict)  # kwargs for the generator / datasets.load_dataset
-    dataset_split: str = "train"  # split to read from a datasets name
+    dataset_split: str = "train"  # split to read from a directory or a datasets name
     prompt_field: str = "question"  # row field holding the prompt text
-    answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot)
+    answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot, which refuse rows without one)
     num_prompts: Optional[int] = 1000  # training prompts to use; null = every remaining row
     eval_prompts: int = 64  # held-out problems for evaluation (taken before the training prompts)
     shuffle_prompts: bool = True  # false: prompts in the file's / generator's order, epoch after epoch
@@ -73,7 +73,7 @@ class Config:
     system_prompt: Optional[str] = None  # student's system message; null = the chat template's default
     teacher_system_prompt: Optional[str] = None  # teacher's system message; null = system_prompt
     teacher_fewshot: int = 0  # worked examples (held-out rows) the teacher alone sees as earlier turns
-    fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example: {answer} and {FIELD} of its row
+    fewshot_template: str = "<answer>{answer}</answer>"  # assistant turn of a worked example: {answer} and {FIELD} of its row (or metadata); a field a worked example lacks is an error
     teacher_prompt_suffix: str = ""  # text the teacher alone sees after its chat template (e.g. an empty think block)
     cross_tokenizer: str = "auto"  # auto (when the tokenizers differ) | on (always re-read the text) | off (refuse different tokenizers)
     xtok_loss: str = "matched_kl"  # across tokenizers: matched_kl (loss on the shared tokens) | uld | hybrid (matched_kl + ULD on the rest)
@@ -185,7 +185,7 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ConfigError(f"{key}={value!r} is not a finite number")
             return number
         if base is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
+            value = parse_yaml(value, f"{key}={value}") if isinstance(value, str) else value
             if value is None:
                 return {}
             if not isinstance(value, dict):
@@ -198,6 +198,21 @@ def _coerce(key: str, value: Any) -> Any:
     except (ValueError, TypeError):
         pass
     raise ConfigError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, with a syntax error as one ConfigError line: source (a file, or key=value), line, column,
+    the problem, and where the construct it broke began."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = problem or str(err).splitlines()[0]  # a ReaderError (a control character) has no mark
+        context, begun = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and begun is not None and (mark is None or (begun.line, begun.column) != (mark.line, mark.column)):
+            what += f" ({context} begun at line {begun.line + 1}, column {begun.column + 1})"
+        raise ConfigError(f"{source} is not valid YAML: {where}{what}") from None
 
 
 def _check_key(key: str) -> None:
@@ -380,7 +395,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        loaded = parse_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, not {type(loaded).__name__}")
         values.update(loaded)

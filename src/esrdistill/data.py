@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from esrdistill.errors import UserError
 REASONING_GYM = "reasoning_gym:"
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_GENERATED = 1000  # training prompts generated when num_prompts is null for a generator
+FORMS = ("reasoning_gym:NAME, a .jsonl, .json, .csv or .parquet file, a directory of such files (a local copy of a "
+         "datasets repository, split by file name), or a datasets hub name")  # what `dataset` may be, for messages
 
 
 class DataError(UserError, ValueError):
@@ -46,6 +50,43 @@ class Task:
     @property
     def is_reasoning_gym(self) -> bool:
         return self.source is not None
+
+
+def row_fields(problem: Problem) -> dict[str, Any]:
+    """What a template's {FIELD} names: the problem's prompt and answer (None when it has none), and every
+    field of its row and of a reasoning-gym entry's metadata. Only text and numbers fill a template (_usable)."""
+    row = problem.row
+    fields = {**row.get("metadata", {}), **row} if isinstance(row.get("metadata"), dict) else dict(row)
+    return {**{str(k): v for k, v in fields.items()}, "prompt": problem.prompt, "answer": problem.answer}
+
+
+def _usable(value: Any) -> bool:
+    return isinstance(value, (str, int, float))
+
+
+# {name} not right after a letter, digit, _, ^, } or \: those braces are LaTeX (\boxed{x}, \frac{a}{b}, x_{i})
+_PLACEHOLDER = re.compile(r"(?<![A-Za-z0-9_^}\\])\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template means to fill, in order, each once ({answer} in "<answer>{answer}</answer>")."""
+    return list(dict.fromkeys(_PLACEHOLDER.findall(template)))
+
+
+def check_fewshot_template(template: str, examples: list[Problem], setting: str = "fewshot_template") -> None:
+    """Raise a DataError when `template` names a field that a worked example lacks or holds null (or a list) in:
+    the teacher would read the literal text {FIELD}. The message lists the fields the examples have."""
+    rows = [row_fields(p) for p in examples]
+    for name in template_fields(template):
+        empty = sum(not _usable(r.get(name)) for r in rows)
+        if not empty:
+            continue
+        if not any(name in r for r in rows):
+            have = sorted({k for r in rows for k, v in r.items() if _usable(v)})
+            raise DataError(f"{setting} names {{{name}}}, but the worked examples have no field '{name}': "
+                            f"their fields are {', '.join(have)}")
+        raise DataError(f"{setting} names {{{name}}}, but {empty} of the {len(rows)} worked examples have no value "
+                        f"for it (null, or not text or a number)")
 
 
 def _split(rows: list[Problem], fewshot: int, eval_prompts: int, num_prompts: int | None, name: str,
@@ -136,6 +177,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix not in FILE_FORMATS:
+        raise DataError(f"data file {path} is a {path.suffix or 'suffix-less'} file, which esrdistill does not read: "
+                        f"a dataset is {FORMS}")
+    if path.is_dir() and not any(p.suffix in FILE_FORMATS for p in islice(path.rglob("*"), 10_000) if p.is_file()):
+        raise DataError(f"dataset {path} is a directory without a .jsonl, .json, .csv or .parquet file: a dataset is {FORMS}")
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
@@ -148,12 +194,25 @@ def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
     try:
         if path.suffix in FILE_FORMATS:
             data = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train", **options)
-        else:
-            data = datasets.load_dataset(spec, split=split, **options)
+        else:  # a directory (its data files, split by their names) or a hub name
+            data = datasets.load_dataset(str(path) if path.is_dir() else spec, split=split, **options)
     except Exception as err:  # datasets raises many kinds; the user needs the message, not the type
         reason = str(err).strip() or type(err).__name__
-        raise DataError(f"could not load dataset '{spec}': {reason}") from err
+        forms = "" if path.suffix in FILE_FORMATS or path.is_dir() else f" (a dataset is {FORMS})"
+        raise DataError(f"could not load dataset '{spec}': {reason}{forms}") from err
     return [dict(row) for row in data]
+
+
+def _check_answers(rows: list[Problem], fewshot: int, eval_prompts: int, answer_field: str, name: str) -> None:
+    """Raise a DataError counting the rows of the split (worked examples, evaluation problems, training prompts,
+    in that order) with no answer: a worked example would show none and evaluation would grade against nothing."""
+    parts = [("worked examples", rows[:fewshot]), ("evaluation problems", rows[fewshot : fewshot + eval_prompts]),
+             ("training prompts", rows[fewshot + eval_prompts :])]
+    missing = [(what, sum(p.answer is None for p in part)) for what, part in parts]
+    total = sum(n for _, n in missing)
+    if total:
+        raise DataError(f"dataset '{name}': {total} of the {len(rows)} rows used have no answer_field '{answer_field}' "
+                        f"(null or missing: {', '.join(f'{n} {what}' for what, n in missing)}); remove or fill them in")
 
 
 def load_task(
@@ -169,15 +228,31 @@ def load_task(
     need_train: bool = True,
     shuffle: bool = True,
     route=None,
+    fewshot_template: str | dict[str, str] | None = None,
 ) -> Task:
-    """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, or a datasets name.
+    """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, a directory of data files, or a
+    datasets name (FORMS).
 
     need_train=False (eval, diagnose): no training row is required, and the held-out split takes
     what there is when the data has fewer than fewshot + eval_prompts rows.
     Several teachers (route: problems -> each one's teacher name): fewshot is {teacher: count}, and each
     teacher's worked examples are the first rows routed to it (_split_by_teacher).
+    fewshot_template (the assistant turn of a worked example; {teacher: template} for several teachers) is
+    checked against the worked examples now, before any model loads (check_fewshot_template).
+    A local row without an answer is an error when answers are used (eval_prompts or fewshot > 0).
     """
     options = dict(options or {})
+    fewshot_total = sum(fewshot.values()) if isinstance(fewshot, dict) else fewshot
+
+    def checked(task: Task) -> Task:
+        templates = fewshot_template if isinstance(fewshot_template, dict) else {None: fewshot_template}
+        owners = route(task.fewshot + task.eval + task.train) if route is not None else [None] * len(task.fewshot)
+        for teacher, template in templates.items():
+            examples = [p for p, owner in zip(task.fewshot, owners) if route is None or owner == teacher]
+            if template is not None and examples:
+                setting = "fewshot_template" if teacher is None else f"teachers: {teacher}'s fewshot_template"
+                check_fewshot_template(template, examples, setting)
+        return task
 
     def split_rows(rows, fewshot, eval_prompts, num_prompts, name, need_train):
         if route is None:
@@ -188,11 +263,12 @@ def load_task(
         seed = int(options.pop("seed"))
     if dataset.startswith(REASONING_GYM):
         name = dataset[len(REASONING_GYM) :]
-        size = (sum(fewshot.values()) if route else fewshot) + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
+        size = fewshot_total + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
         source = _reasoning_gym(name, options, seed, size)
-        rows = [Problem(prompt=e["question"], answer=str(e["answer"]), row=e) for e in source]
+        # some tasks (graph_color, rush_hour, ...) have no reference answer: their score_answer checks a response alone
+        rows = [Problem(prompt=e["question"], answer=None if e["answer"] is None else str(e["answer"]), row=e) for e in source]
         few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
-        return Task(name=dataset, train=train, eval=ev, fewshot=few, source=source)
+        return checked(Task(name=dataset, train=train, eval=ev, fewshot=few, source=source))
 
     raw = _rows_from_library(dataset, options, split)
     if not raw:
@@ -200,7 +276,7 @@ def load_task(
     fields = sorted(raw[0])
     if prompt_field not in raw[0]:
         raise DataError(f"prompt_field '{prompt_field}' is not in dataset '{dataset}'; its fields are: {', '.join(fields)}")
-    needs_answer = eval_prompts > 0 or fewshot > 0
+    needs_answer = eval_prompts > 0 or fewshot_total > 0
     if needs_answer and answer_field not in raw[0]:
         raise DataError(
             f"answer_field '{answer_field}' is not in dataset '{dataset}' (needed for eval_prompts/teacher_fewshot); "
@@ -219,5 +295,7 @@ def load_task(
     if not rows:
         raise DataError(f"dataset '{dataset}' has no row whose '{prompt_field}' is a non-empty string ({len(raw)} rows)")
     few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
-    return Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped,
-                skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else "")
+    if needs_answer:
+        _check_answers(few + ev + train, len(few), len(ev), answer_field, dataset)
+    return checked(Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped,
+                        skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else ""))

@@ -3,6 +3,8 @@ on randomly initialised models built from configs, timed by esrdistill's own tra
 
     python -m esrdistill.gpu_check --out DIR              # CUDA: Qwen2-style ~1.5B student, Qwen3-style ~1.6B teacher
     python -m esrdistill.gpu_check --out DIR --dry-run    # CPU: the same code path with tiny models, in seconds
+    python -m esrdistill.gpu_check cuda-verdict --junit FILE --pytest-status RC [--dry-run]
+                                                          # the CUDA tests' verdict (cuda_tests_verdict)
 
 Speed does not depend on the weights when every rollout runs to its length limit (min_new_tokens = that
 limit, as `esrdistill bench --force-length` does), so random weights time what trained ones would. The
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -285,8 +288,82 @@ def run(sizes: Sizes, out: Path, work: Path, tokenizer_dir: Path | None, time_li
     return {"results": results, "failed": failed, "setup": setup}
 
 
+# ---- the CUDA tests' verdict (scripts/gpu_check.sh's test_cuda part) ---------------------------------
+
+@dataclass(frozen=True)
+class CudaVerdict:
+    """What the test_cuda part records: status ok | skipped (the dry run only) | FAILED, and why."""
+
+    status: str
+    why: str
+
+    @property
+    def exit_status(self) -> int:  # what scripts/gpu_check.sh's part() reads: 0 ok, 3 skipped, 1 FAILED
+        return {"ok": 0, "skipped": 3}.get(self.status, 1)
+
+
+def cuda_tests_verdict(junit_xml: str | None, pytest_status: int, cuda_device: str | None, dry_run: bool) -> CudaVerdict:
+    """The verdict on tests/test_cuda.py from pytest's outcome.
+
+    junit_xml: the text of pytest's --junitxml report (None when pytest wrote none); pytest_status: its
+    exit status; cuda_device: the GPU's name, None when torch sees no CUDA device. On the GPU (dry_run
+    False) it passes only when CUDA is there and every CUDA test ran and passed: a test skipped there is
+    a test that did not check the CUDA path. The dry run (on a CPU) may skip them all, as "skipped".
+    """
+    if junit_xml is None:
+        return CudaVerdict("FAILED", f"pytest wrote no report (exit status {pytest_status})")
+    cases = ElementTree.fromstring(junit_xml).iter("testcase")
+    outcomes: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+    reasons = []
+    for case in cases:
+        name = case.get("name", "?")
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcomes["failed"].append(name)
+        elif (skip := case.find("skipped")) is not None:
+            outcomes["skipped"].append(name)
+            reasons.append(skip.get("message", ""))
+        else:
+            outcomes["passed"].append(name)
+    total = sum(map(len, outcomes.values()))
+    passed, failed, skipped = (len(outcomes[k]) for k in ("passed", "failed", "skipped"))
+    why_skipped = f"{skipped} of {total} CUDA tests skipped"
+    reason = f": {reasons[0]}" if reasons else ""  # the first skip's reason
+    if failed:
+        names = ", ".join(outcomes["failed"][:3]) + (", ..." if failed > 3 else "")
+        return CudaVerdict("FAILED", f"{failed} of {total} CUDA tests failed: {names}")
+    if total == 0:
+        return CudaVerdict("FAILED", f"no CUDA test ran (pytest exit status {pytest_status})")
+    if pytest_status != 0:
+        return CudaVerdict("FAILED", f"pytest exit status {pytest_status} ({passed} passed, {why_skipped})")
+    if cuda_device is None:
+        if dry_run:
+            return CudaVerdict("skipped", f"dry run, no GPU: {why_skipped}{reason}")
+        return CudaVerdict("FAILED", f"CUDA is absent (torch.cuda.is_available() is False): {why_skipped}{reason}")
+    if skipped:
+        return CudaVerdict("FAILED", f"{why_skipped} on {cuda_device}, where every one must run{reason}")
+    return CudaVerdict("ok", f"{passed} passed on {cuda_device}")
+
+
+def cuda_verdict_main(argv: list[str]) -> int:
+    """`cuda-verdict --junit FILE --pytest-status RC [--dry-run]`: print the verdict's reason, exit 0 / 3 / 1."""
+    parser = argparse.ArgumentParser(prog="python -m esrdistill.gpu_check cuda-verdict")
+    parser.add_argument("--junit", required=True, help="pytest's --junitxml report of tests/test_cuda.py")
+    parser.add_argument("--pytest-status", type=int, required=True, help="pytest's exit status")
+    parser.add_argument("--dry-run", action="store_true", help="on a CPU: all skipped is 'skipped', not a failure")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report = Path(args.junit)
+    verdict = cuda_tests_verdict(report.read_text() if report.is_file() else None, args.pytest_status, device, args.dry_run)
+    print(verdict.why, flush=True)
+    return verdict.exit_status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cuda-verdict"]:
+        return cuda_verdict_main(argv[1:])
     if argv[:1] == ["train"]:  # one arm, in its own process: `esrdistill train` itself
         from esrdistill.cli import main as cli_main
 

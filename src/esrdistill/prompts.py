@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from esrdistill.data import Problem
+from esrdistill.data import Problem, check_fewshot_template, row_fields
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,18 @@ class PromptStyle:
 
 def fill(template: str, problem: Problem) -> str:
     """Replace {answer}, {prompt} and {FIELD} for every field of the problem's row (and of a
-    reasoning-gym entry's metadata, e.g. {answer_cot} of gsm_symbolic) by its value. Other braces
-    are left alone, so LaTeX like \\boxed{} survives."""
-    fields = {**problem.row.get("metadata", {}), **problem.row} if isinstance(problem.row.get("metadata"), dict) else dict(problem.row)
-    fields.update(prompt=problem.prompt, answer=problem.answer)
-    for key, value in fields.items():
-        if isinstance(value, (str, int, float)) and "{" + str(key) + "}" in template:
-            template = template.replace("{" + str(key) + "}", str(value))
+    reasoning-gym entry's metadata, e.g. {answer_cot} of gsm_symbolic) by its value (data.row_fields).
+    Other braces are left alone, so LaTeX like \\boxed{} survives."""
+    for key, value in row_fields(problem).items():
+        if isinstance(value, (str, int, float)) and "{" + key + "}" in template:
+            template = template.replace("{" + key + "}", str(value))
     return template
 
 
 def fewshot_turns(examples: list[Problem], template: str, answer_template: str) -> tuple[tuple[str, str], ...]:
-    """Worked examples as (user, assistant) pairs; answer_template is filled from the example's row."""
+    """Worked examples as (user, assistant) pairs; answer_template is filled from the example's row. A field
+    it names that an example lacks (or holds null in) is a DataError (data.check_fewshot_template)."""
+    check_fewshot_template(answer_template, examples)
     return tuple((template.replace("{prompt}", p.prompt), fill(answer_template, p)) for p in examples)
 
 

@@ -8,6 +8,7 @@ and (several teachers) each task's figures; the run directory is left behind wit
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -17,7 +18,7 @@ from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.evaluate import EvalResult, run_eval, summarise
 from esrdistill.packaged import is_packaged, resolve
 from esrdistill.tracking import read_metrics
-from esrdistill.train import train
+from esrdistill.train import TrainingInterrupted, train
 
 DEFAULT_CONFIG = files("esrdistill") / "configs" / "quickstart.yaml"
 CROSS_CONFIG = files("esrdistill") / "configs" / "quickstart_cross.yaml"
@@ -99,7 +100,13 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
 
     say(f"[3/4] Distilling: {_title(cfg).replace('student after ', '')} ...")
     start = time.perf_counter()
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingInterrupted as stop:  # the quickstart's own command continues it, in the same run directory
+        again = ["esrdistill", "quickstart", *([variant] if variant != "default" else []),
+                 *(o for o in overrides or [] if o.split("=")[0].strip() not in ("run_dir", "resume")),
+                 f"run_dir={run_dir}", "resume=true"]
+        raise TrainingInterrupted(stop.step, stop.checkpoint, f"`{shlex.join(again)}`") from None
     seconds["train"] = time.perf_counter() - start
     metrics = read_metrics(cfg.run_dir)
     phases = {phase: sum(m.get(f"time/{phase}_s", 0.0) for m in metrics) for phase in ("rollout", "teacher", "train")}

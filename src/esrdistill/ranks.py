@@ -76,7 +76,13 @@ def leave_process_group() -> None:
     ("terminate called without an active exception", SIGABRT: about 1 run in 10 of a 2-process FSDP2 run on
     a busy CPU here; pytorch PR 179291 describes it).
     """
+    import sys
+
     import torch.distributed as dist
 
+    vllm_groups = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_groups is not None:  # an in-process vLLM engine's groups first: its own teardown at exit would find them gone
+        vllm_groups.destroy_model_parallel()  # and raise "Invalid process group specified" (a traceback after a run that succeeded)
+        vllm_groups.destroy_distributed_environment()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -4,40 +4,87 @@ write config.yaml, so that a run that fails to start leaves the directory as it 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
 
 from esrdistill import checkpoint, ranks, sharding
-from esrdistill.config import Config, save_config, to_dict
-from esrdistill.tracking import MetricsLogger, read_metrics, rewrite_metrics
+from esrdistill.config import Config, ConfigError, save_config, to_dict
+from esrdistill.tracking import MetricsLogger, load_metrics, read_metrics, rewrite_metrics
 
 
 def check(cfg: Config, log) -> Path:
-    """Refuse to start over a run unless resuming; warn about settings that changed since it started.
-    Nothing is written here: config.yaml is written once the whole setup has succeeded."""
+    """Refuse a run_dir that cannot be written, a run_dir that holds a run unless resuming, and a resume that
+    cannot continue the run (another student, fewer steps than its newest checkpoint); warn about other settings
+    that changed since it started. Nothing is written here: config.yaml is written once the whole setup has
+    succeeded."""
     run_dir = Path(cfg.run_dir).expanduser()
+    writable(run_dir)
     has_run = (run_dir / "metrics.jsonl").exists() or checkpoint.checkpoints_root(run_dir).exists()
     if has_run and not cfg.resume:
         raise FileExistsError(
             f"run_dir {run_dir} already holds a run: pass resume=true to continue it, or choose another run_dir"
         )
-    if cfg.resume and (run_dir / "config.yaml").is_file():
+    if not cfg.resume:
+        return run_dir
+    load_metrics(run_dir)  # a damaged metrics.jsonl is refused now, not after the models have loaded
+    newest = checkpoint.latest(run_dir)
+    done = checkpoint.step_of(newest) if newest is not None else 0
+    if done > cfg.steps:
+        raise ConfigError(f"resume=true with steps={cfg.steps}, but {run_dir} holds a checkpoint of step {done}: there is "
+                          f"nothing to train, and the run is left as it was (pass steps={done} or more to continue it)")
+    if (run_dir / "config.yaml").is_file():
         before = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        if newest is not None and "student" in before and not _same_model(before["student"], cfg.student):
+            raise ConfigError(f"resume=true with student={cfg.student}, but the run in {run_dir} trains student="
+                              f"{before['student']}: its checkpoints belong to that model. Resume with student="
+                              f"{before['student']}, or start a new run_dir")
         changed = sorted(k for k, v in to_dict(cfg).items() if k != "resume" and before.get(k, v) != v
-                         and not (k == "rollout_tokens" and v == "auto"))
+                         and not (k == "rollout_tokens" and v == "auto") and not (k == "student"))
         if changed:
             log(f"Warning: resuming with changed settings: {', '.join(changed)}")
     return run_dir
 
 
+def writable(run_dir: Path) -> None:
+    """A ConfigError now, before any model loads, when run_dir is a file, lies under a file, or cannot be written
+    (a read-only place); nothing is left behind by the check."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    place = run_dir
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"run_dir {run_dir} lies under {place}, which is a file: choose another run_dir")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".esrdistill-write-check-", dir=place)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"run_dir {run_dir}: cannot write in {place} ({err.strerror or err}): choose another run_dir") from None
+
+
+def _same_model(before: str, now: str) -> bool:
+    """Whether two `student` values name the same model: the same text, or paths to the same directory."""
+    if before == now:
+        return True
+    a, b = Path(str(before)).expanduser(), Path(str(now)).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def trim_metrics(run_dir: Path, last_step: int, log) -> None:
     """Drop metric lines of steps after `last_step` (they will be redone), atomically."""
-    rows = read_metrics(run_dir)
+    rows, torn = load_metrics(run_dir)
     kept = [m for m in rows if m.get("step", 0) <= last_step]
+    if torn:
+        log(f"Note: the last line of {Path(run_dir) / 'metrics.jsonl'} was cut short (a write stopped by a full disk or a "
+            "kill); it is dropped")
     if len(kept) < len(rows):
         log(f"Dropping the metrics of {len(rows) - len(kept)} steps after step {last_step}, which will be redone")
+    if torn or len(kept) < len(rows):
         rewrite_metrics(run_dir, kept)
 
 

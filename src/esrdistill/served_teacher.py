@@ -24,10 +24,12 @@ import torch
 
 from esrdistill import losses
 from esrdistill.errors import UserError
-from esrdistill.teacher import Comparison, LossSettings, Plan, Scores, divergence_metrics
+from esrdistill.teacher import Comparison, LossSettings, Plan, Scores
 
 BACKOFF_S = 1.0  # the first wait before a retry; each further retry waits twice as long
 CHECK_TIMEOUT_S = 10.0  # the start-up check of the server
+# Tokenised on the server (/tokenize) and here at start: other ids mean the server's tokenizer is not teacher_tokenizer.
+PROBE_TEXT = "Tokenizer check: 12 + 30 = 42, so (x * 7) / 3 - y != z; \"Hello\" World, it's done.\nNext line"
 
 
 class ServedTeacherError(UserError):
@@ -36,6 +38,13 @@ class ServedTeacherError(UserError):
 
 class ServedTeacherDown(ServedTeacherError):
     """The teacher server stopped answering during the run and every retry failed."""
+
+
+def base_url(url: str) -> str:
+    """teacher=http://HOST:PORT as this module asks it: without trailing slashes, and without the `/v1` an OpenAI client
+    is given (every path asked here starts with /v1 already, or is vLLM's /tokenize beside it)."""
+    url = url.strip().rstrip("/")
+    return url[: -len("/v1")].rstrip("/") if url.lower().endswith("/v1") else url
 
 
 def serve_command(top_k: int) -> str:
@@ -48,7 +57,7 @@ def serve_command(top_k: int) -> str:
 class ServedSettings:
     """Where the teacher is served and how it is asked (build.served_settings makes it from the teacher_* keys)."""
 
-    url: str  # teacher: http://HOST:PORT
+    url: str  # teacher: http://HOST:PORT (base_url: no trailing /v1)
     model_name: str | None = None  # teacher_model_name: None = the one model the server serves
     top_k: int = 64  # teacher_top_k: log-probs per position
     mode: str = "tail"  # served_loss: tail | renorm (losses.TOPK_MODES)
@@ -63,6 +72,12 @@ class Server:
 
     model: str
     max_model_len: int
+
+    @property
+    def max_scored_tokens(self) -> int:
+        """The longest prompt (the teacher's prompt plus the response) the server scores: with max_tokens=1 it
+        needs room for the one token it generates, and vLLM refuses a prompt of max_model_len tokens."""
+        return self.max_model_len - 1
 
 
 @dataclass
@@ -120,13 +135,44 @@ def _message(response) -> str:
         return response.text[:300]
 
 
-def check_server(settings: ServedSettings, appended: int = 0) -> Server:
-    """Ask the server which model it serves and whether it returns teacher_top_k (+ appended: see
-    parse_prompt_logprobs) log-probs; a ServedTeacherError saying what to do when it does not. Called before
-    any model is loaded."""
+def tokenizer_mismatch(url: str, model: str, served: list[int], local: list[int], tokenizer_name: str) -> str | None:
+    """The message for a server whose tokenizer reads PROBE_TEXT as other ids than teacher_tokenizer does, or None."""
+    if served == local:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(served, local)) if a != b), min(len(served), len(local)))
+    return (f"the server at {url} ({model}) tokenizes a test text into other ids than teacher_tokenizer={tokenizer_name} "
+            f"(they differ from token {first} on): the server's {served}, teacher_tokenizer's {local}. The teacher's "
+            "prompts and the student's responses are sent as ids, so they would be read as other tokens: serve the model "
+            "whose tokenizer teacher_tokenizer is, or set teacher_tokenizer to the served model's (its directory or hub id)")
+
+
+def _check_tokenizer(url: str, model: str, tokenizer, timeout_s: float) -> None:
+    """PROBE_TEXT tokenised on the server and by `tokenizer`: a ServedTeacherError (tokenizer_mismatch) when they differ.
+    A server that cannot tokenise (started with --skip-tokenizer-init) is not checked."""
     import httpx
 
-    url, asked = settings.url.rstrip("/"), settings.top_k + appended
+    try:
+        response = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": PROBE_TEXT, "add_special_tokens": False},
+                              timeout=timeout_s)
+        served = response.json()["tokens"] if response.status_code == 200 else None
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        served = None
+    if served is None:
+        return
+    local = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
+    message = tokenizer_mismatch(url, model, served, local, getattr(tokenizer, "name_or_path", "") or "?")
+    if message:
+        raise ServedTeacherError(message)
+
+
+def check_server(settings: ServedSettings, appended: int = 0, tokenizer=None) -> Server:
+    """Ask the server which model it serves, whether it returns teacher_top_k (+ appended: see
+    parse_prompt_logprobs) log-probs and (given the teacher's local `tokenizer`) whether its tokenizer reads a test
+    text as the same ids; a ServedTeacherError saying what to do when it does not. Called before any model is
+    loaded."""
+    import httpx
+
+    url, asked = base_url(settings.url), settings.top_k + appended
     try:
         response = httpx.get(f"{url}/v1/models", timeout=CHECK_TIMEOUT_S)
         response.raise_for_status()
@@ -162,6 +208,8 @@ def check_server(settings: ServedSettings, appended: int = 0) -> Server:
     if len(entry) < asked:
         raise ServedTeacherError(f"the server at {url} returned {len(entry)} log-probs per position where {asked} were "
                                  "asked: is teacher_top_k larger than the teacher's vocabulary?")
+    if tokenizer is not None:
+        _check_tokenizer(url, model, tokenizer, max(CHECK_TIMEOUT_S, settings.timeout_s))
     return Server(model=model, max_model_len=int(info.get("max_model_len") or 1 << 30))
 
 
@@ -172,7 +220,7 @@ class Client:
         import httpx
 
         self.settings, self.server, self.vocab_size, self.appended = settings, server, vocab_size, appended
-        self.url = settings.url.rstrip("/") + "/v1/completions"
+        self.url = base_url(settings.url) + "/v1/completions"
         self.http = httpx.Client(timeout=settings.timeout_s, limits=httpx.Limits(max_connections=settings.concurrency))
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="teacher")
         self.stop = threading.Event()  # set when a request has given up: the others stop waiting
@@ -234,6 +282,7 @@ class ServedTeacher:
     def __init__(self, client: Client, settings: LossSettings, device: torch.device):
         self.client, self.settings, self.device = client, settings, device
         self.mode, self.top_k = client.settings.mode, client.settings.top_k
+        self.whole_vocabulary = self.top_k >= client.vocab_size  # then its KLs and entropy are the full ones (topk_metrics)
         self.constant_metrics = {}
         self._pending: dict[int, Future] = {}
 
@@ -274,8 +323,7 @@ class ServedTeacher:
         mask = plan.mask[rows, :width].to(self.device)
         logp = logp.to(self.device)
         return Scores(logp=losses.topk_teacher(logp, self.mode), mask=mask,
-                      extra={"ids": ids.to(self.device), "token_logp": token_logp.to(self.device),
-                             "topk_mass": logp.exp().sum(-1)})
+                      extra={"ids": ids.to(self.device), "token_logp": token_logp.to(self.device), "topk_logp": logp})
 
     def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) log-probs over the same C categories (K + 1 with tail, K with renorm)."""
@@ -291,11 +339,52 @@ class ServedTeacher:
             per_token = losses.sampled_token_pg(student_token, scores.extra["token_logp"], mask, weight)
         else:
             per_token = losses.per_token_loss(s.loss, student, teacher, tokens, mask, s.jsd_beta)
-        metrics = divergence_metrics(student, teacher, mask, per_token if s.loss == "reverse_kl" else None)
-        counted = mask.bool()
-        with torch.no_grad():  # over the student's whole vocabulary where it can be: its entropy, the sampled KL
-            full = student_logp.detach()
-            metrics["student/entropy"] = torch.where(counted, -(full.exp() * full).sum(-1), 0.0)
+        metrics = topk_metrics(student_logp, student, teacher, scores.extra["ids"], scores.extra["topk_logp"], mask,
+                               per_token if s.loss == "reverse_kl" else None)
+        with torch.no_grad():
             metrics["kl/sampled"] = losses.sampled_kl(student_token, scores.extra["token_logp"], mask)
-            metrics["teacher/topk_mass"] = torch.where(counted, scores.extra["topk_mass"], 0.0)
         return Comparison(per_token=per_token, metrics=metrics)
+
+
+def topk_metrics(student_logp: torch.Tensor, student_c: torch.Tensor, teacher_c: torch.Tensor, ids: torch.Tensor,
+                 topk_logp: torch.Tensor, mask: torch.Tensor, reverse_kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A served teacher's per-position metrics, (b, T) each, zero where masked, each over what the server's answer
+    allows (the table in docs/served-teacher.md):
+
+    kl/reverse, kl/forward: over the C categories the loss compares in (served_loss=tail: the K tokens and the
+        bucket, a lower bound on the full-vocabulary KL; renorm: the K tokens renormalised). Equal to the local
+        teacher's at K = V.
+    teacher/entropy: over the K tokens and the rest of the vocabulary as one category, whatever served_loss: a lower
+        bound on the teacher's entropy (the rest spread over many tokens has more), equal at K = V.
+    student/entropy: over the student's whole vocabulary.
+    agree/*: over real tokens, never the bucket: the teacher's top-1 is the most likely of its K tokens (which is its
+        top-1 over the vocabulary), the student's its argmax over its vocabulary, and the probabilities are the
+        student's full-vocabulary one and the teacher's as the server gives it. Exact: as a local teacher's.
+    kl/sampled, teacher/topk_mass: exact (the server returns each sampled token's log-prob).
+
+    student_logp: (b, T, V) the student's log-probs over its vocabulary; student_c, teacher_c: (b, T, C) both over the
+    loss's C categories (topk_student, topk_teacher); ids, topk_logp: (b, T, K) the teacher's top-K ids and their
+    log-probs over the student's vocabulary (not renormalised); mask: (b, T). reverse_kl: (b, T) when the loss
+    computed it already.
+    """
+    counted = mask.bool()
+    with torch.no_grad():
+        if reverse_kl is None:
+            reverse_kl = losses.reverse_kl(student_c, teacher_c, mask)
+        full = student_logp.detach()
+        best = topk_logp.max(-1)  # (b, T) the teacher's top-1 log-prob and its place among the K
+        teacher_top1 = ids.gather(-1, best.indices.unsqueeze(-1))  # (b, T, 1) its token id
+        top1_prob = full.gather(-1, teacher_top1).squeeze(-1).exp()  # the student's probability of it
+        probs = topk_logp.exp()  # (b, T, K)
+        rest = (1.0 - probs.sum(-1)).clamp(min=0.0)  # (b, T) the teacher's mass outside its top K
+        entropy = -(probs * topk_logp).sum(-1) - torch.xlogy(rest, rest)
+        return {
+            "kl/reverse": reverse_kl.detach(),
+            "kl/forward": losses.forward_kl(student_c.detach(), teacher_c, mask),
+            "teacher/entropy": torch.where(counted, entropy, 0.0),
+            "student/entropy": torch.where(counted, -(full.exp() * full).sum(-1), 0.0),
+            "agree/top1": ((full.argmax(-1) == teacher_top1.squeeze(-1)) & counted).float(),
+            "agree/teacher_top1_prob": torch.where(counted, top1_prob, 0.0),  # see teacher.divergence_metrics
+            "agree/teacher_top1_missed": ((best.values >= math.log(0.5)) & (top1_prob < 0.01) & counted).float(),
+            "teacher/topk_mass": torch.where(counted, probs.sum(-1), 0.0),
+        }

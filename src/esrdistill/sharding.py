@@ -11,7 +11,8 @@ whole copy. What needs the whole student gathers it:
   steps, and an evaluation runs on the first process alone: per-layer all-gathers in each forward would
   need every process to decode as long as the longest, transformers' synced_gpus, which engine_hf turns off);
 - checkpoints, the final model and the vLLM weight push read `whole`: an ordinary (unsharded) model built
-  from the full state dict, so checkpoints and final/ are the files a single-process run writes.
+  from the full state dict, so checkpoints and final/ are the files a single-process run writes (each tensor
+  its own, also where a dimension does not divide by the number of processes: _own_storage).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def whole(model, everywhere: bool = False):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     if not full:
         return None
+    full = _own_storage(full)
     from transformers import AutoModelForCausalLM
 
     peft = hasattr(model, "peft_config")
@@ -160,6 +162,26 @@ def whole(model, everywhere: bool = False):
     return plain.eval()
 
 
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each one covering the whole of its storage. A parameter whose rows do not split evenly over
+    the processes (a 151,936-row vocabulary on 3 or 6 of them, an odd intermediate size on 2) is sharded with
+    padding, and its full tensor is a view of the padded all-gather buffer: safetensors refuses to save such a view
+    ("None is covering the entire storage"), and it would keep the padding alive. Those are copied, once per tensor
+    (names that share one tensor keep sharing it); the others are returned as they are."""
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):  # an optimizer state's plain numbers
+            out[name] = tensor
+            continue
+        if id(tensor) not in copies:
+            tight = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                     and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+            copies[id(tensor)] = tensor if tight else tensor.clone(memory_format=torch.contiguous_format)
+        out[name] = copies[id(tensor)]
+    return out
+
+
 class WholeOptimizer:
     """The sharded optimizer's full state, in the layout of `optimizer.state_dict()` of an unsharded run
     (parameters numbered in the order of the trainable parameters), for checkpoint.save."""
@@ -167,7 +189,8 @@ class WholeOptimizer:
     def __init__(self, model, optimizer):
         by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         number = {name: i for i, name in enumerate(_trainable_names(model))}
-        self.state = {"state": {number[k]: v for k, v in by_name.get("state", {}).items()},
+        # each state tensor its own: torch.save writes a view's whole storage, the padding too
+        self.state = {"state": {number[k]: _own_storage(v) for k, v in by_name.get("state", {}).items()},
                       "param_groups": [{**g, "params": [number[k] for k in g["params"]]} for g in by_name.get("param_groups", [])]}
 
     def state_dict(self) -> dict:

@@ -141,7 +141,9 @@ class Teacher(Protocol):
     def score(self, plan: Plan, rows: list[int], width: int, hidden: bool = False) -> Scores:
         """The teacher's view of rows `rows`, student positions :width, without gradient: log-probs
         (b, T', C) and the mask (b, T') of the positions that count; hidden=True: hidden states
-        (b, T', H) instead, projected chunk by chunk by the chunked loss."""
+        (b, T', H) instead, projected chunk by chunk by the chunked loss. The loop reads only the mask and
+        hands the Scores back to this teacher's compare, comparable and Scores.chunk: a teacher of several
+        (teachers.Routed) holds each one's Scores instead of log-probs of its own (logp None)."""
         ...
 
     def comparable(self, student_logp: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:

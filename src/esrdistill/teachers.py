@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from esrdistill.config import ConfigError, is_served
+from esrdistill.config import is_served
 from esrdistill.errors import UserError
 from esrdistill.teacher import Comparison, Plan, Scores, Teacher
 from esrdistill.tracking import PhaseTimer
@@ -33,6 +33,10 @@ _DIVERGENCE = ("kl/reverse", "kl/forward", "teacher/entropy", "student/entropy",
 METRICS = {"same": _DIVERGENCE + ("kl/sampled",),
            "cross": _DIVERGENCE + ("xtok/student_mapped_mass", "xtok/teacher_mapped_mass"),
            "served": _DIVERGENCE + ("kl/sampled", "teacher/topk_mass")}
+# The keys a served teacher with teacher_top_k < its vocabulary computes over its top-K categories, not over the
+# vocabulary (served_teacher.topk_metrics): beside teachers that compute them over the vocabulary they are not averaged
+# with theirs (Routed.split).
+TOPK_KEYS = ("kl/reverse", "kl/forward", "teacher/entropy")
 PLAN_RATIOS = {"same": (), "cross": ("xtok/aligned_frac",), "served": ("teacher/request_s", "teacher/retries")}
 ALIGNED = "xtok/aligned_frac"  # over every row: a teacher that reads the student's ids has a position for each
 
@@ -68,7 +72,10 @@ class Routed:
 
     kind = "routed"
 
-    def __init__(self, teachers: dict[str, Teacher], offload: dict | None = None):
+    def __init__(self, teachers: dict[str, Teacher], offload: dict | None = None, signals: bool = False):
+        """signals: token selection reads kl/reverse, kl/forward and teacher/entropy at every position (token_select
+        other than prefix), so they stay per position over every row even where teachers compute them over different
+        categories (below)."""
         self.teachers = teachers
         self.offload = offload or {}  # name -> (model, device): kept on the CPU, on the device while it scores
         self.constant_metrics = {f"{key}/{name}": value for name, t in teachers.items()
@@ -76,6 +83,15 @@ class Routed:
         kinds = [METRICS[t.kind] for t in teachers.values()]
         self.metrics = list(dict.fromkeys(k for keys in kinds for k in keys))  # every process logs the same keys
         self.common = {k for k in self.metrics if all(k in keys for keys in kinds)}
+        # Served teachers whose TOPK_KEYS are over their top-K categories: beside teachers whose are over the vocabulary,
+        # those keys are averaged over the others' positions alone and theirs are logged as <key>/<name>.
+        self.top_k_only = [n for n, t in teachers.items() if t.kind == "served" and not t.whole_vocabulary]
+        self.mixed = 0 < len(self.top_k_only) < len(teachers)
+        self.split = self.mixed and not signals
+
+    def _reports(self, name: str, metrics: dict, key: str) -> bool:
+        """Whether teacher `name`'s value of `key` goes into the run's `key`."""
+        return key in metrics and not (self.split and key in TOPK_KEYS and name in self.top_k_only)
 
     def plan(self, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor) -> Plan:
         names = [p.teacher for p in prompts]
@@ -160,17 +176,17 @@ class Routed:
         zeros = [torch.zeros_like(m) for m in masks]
         out = {}
         for key in self.metrics:
-            values = torch.cat([m.get(key, z) for (_, m), z in zip(metrics, zeros)])[back]
-            if key in self.common:
-                out[key] = values
+            if key in self.common and not (self.split and key in TOPK_KEYS):
+                out[key] = torch.cat([m[key] for _, m in metrics])[back]
             else:  # reported by some teachers only: averaged over their positions
-                out[key + ":num"] = values
-                out[key + ":den"] = torch.cat([mask if key in m else z for (_, m), mask, z in zip(metrics, masks, zeros)])[back]
+                out[key + ":num"] = torch.cat([m[key] if self._reports(n, m, key) else z for (n, m), z in zip(metrics, zeros)])[back]
+                out[key + ":den"] = torch.cat([mask if self._reports(n, m, key) else z
+                                               for (n, m), mask, z in zip(metrics, masks, zeros)])[back]
         for name in self.teachers:  # each teacher's reverse KL over its own positions (all zeros: not in this micro-batch)
-            out[f"kl/reverse/{name}:num"] = torch.cat([m["kl/reverse"] if n == name else z
-                                                       for (n, m), z in zip(metrics, zeros)])[back]
-            out[f"kl/reverse/{name}:den"] = torch.cat([mask if n == name else z
-                                                       for (n, _), mask, z in zip(metrics, masks, zeros)])[back]
+            for key in ("kl/reverse",) + (TOPK_KEYS[1:] if self.mixed and name in self.top_k_only else ()):
+                out[f"{key}/{name}:num"] = torch.cat([m[key] if n == name else z for (n, m), z in zip(metrics, zeros)])[back]
+                out[f"{key}/{name}:den"] = torch.cat([mask if n == name else z
+                                                      for (n, _), mask, z in zip(metrics, masks, zeros)])[back]
         return Comparison(per_token=per_token, metrics=out)
 
 
@@ -290,18 +306,13 @@ def pair(cfg, device: torch.device, trainable: bool):
 
 
 def _served(view, main):
-    """The Pair of a teacher served at view.teacher beside the run's student (build.served_pair's checks)."""
+    """The Pair of a teacher served at view.teacher beside the run's student (build.served_pair's checks; the server was
+    asked first in build.check_available, before any model loaded)."""
     from esrdistill import build, models
     from esrdistill.served_teacher import check_server
 
-    tokenizer = models.load_tokenizer(view.teacher_tokenizer or view.student, view.model_cache)
-    relation = models.tokenizer_relation(main.tokenizer, tokenizer)
-    appended = len(tokenizer.get_vocab()) - main.vocab_size
-    if relation == models.DIFFERENT or appended > build.MAX_APPENDED:
-        raise ConfigError(f"the tokenizer of the teacher served at {view.teacher} does not have the student's ids (or "
-                          f"appends {appended} > {build.MAX_APPENDED} tokens to them): a served teacher must share the "
-                          "student's tokenizer (docs/served-teacher.md)")
-    server = check_server(build.served_settings(view), appended)
+    tokenizer, relation, appended = build.served_tokenizer(view, main.tokenizer)
+    server = check_server(build.served_settings(view), appended, tokenizer)
     return dataclasses.replace(main, teacher=None, teacher_tokenizer=tokenizer, relation=relation, cross=False,
                                teacher_eos_ids=models.eos_ids(tokenizer, None), served=server)
 
@@ -340,4 +351,4 @@ def teacher(cfg, pair, prompts: list | None = None) -> Routed:
             offload[name] = (sub.teacher, sub.device)
         with on_device(*offload[name]) if name in offload else nullcontext():
             out[name] = build.teacher(view, sub, mine or None)
-    return Routed(out, offload)
+    return Routed(out, offload, signals=cfg.token_select != "prefix")

@@ -119,9 +119,38 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+class MetricsError(UserError):
+    """A line of metrics.jsonl before its last is not a JSON row: the file was edited or damaged."""
+
+
+def load_metrics(run_dir: str | Path) -> tuple[list[dict], bool]:
+    """(metrics.jsonl's rows, whether its last line was torn and left out).
+
+    A last line that is not a whole JSON row is a write cut short (a full disk, a kill mid-write): it is left
+    out, and resume rewrites the file without it. A line before it that is not one is a MetricsError naming it.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return [], False
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                return rows, True
+            raise MetricsError(f"{path}, line {number} of {lines[-1][0]}, is not a metrics row ({err}): repair or delete "
+                               "that line (only the last line of a run cut short is dropped by itself)") from None
+        rows.append(row)
+    return rows, False
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl's rows, one per logged step (load_metrics: a torn last line is left out)."""
+    return load_metrics(run_dir)[0]
 
 
 def rewrite_metrics(run_dir: str | Path, rows: list[dict]) -> None:

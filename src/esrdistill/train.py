@@ -37,8 +37,8 @@ from esrdistill.tracking import PhaseTimer, peak_memory_mb, reset_peak_memory
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: the state after the last complete step was saved to `checkpoint`."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"interrupted after step {step}; saved {checkpoint}; continue with resume=true")
+    def __init__(self, step: int, checkpoint: Path, resume: str = "resume=true"):
+        super().__init__(f"interrupted after step {step}; saved {checkpoint}; continue with {resume}")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -196,6 +196,12 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     with ranks.fail_together(accelerator):  # everything is built: only now is the run's record touched
         logger, best = rundir.open_record(cfg, run_dir, start_step, is_main, say)
 
+    def keep_last_step() -> None:
+        """Before a failed step stops the run (every process together): checkpoint the `step` steps complete so far."""
+        if step > last_saved:
+            path = _save(accelerator, run_dir, step, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
+            say(f"Saved the last complete step ({step}) to {path} before stopping")
+
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
     last_saved, skipped_in_row, warned, missed, save_timer = start_step, 0, set(), [], PhaseTimer()
     with _InterruptFlag(several_processes=procs > 1) as interrupt, _closing(bar, logger):  # however the loop ends
@@ -211,12 +217,15 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
                                 cfg.schedule_steps or cfg.steps)
             sampling = dataclasses.replace(run.sampling, max_new_tokens=k, min_new_tokens=min(run.sampling.min_new_tokens, k))
-            with timer("rollout"):
+            # A failure in phases 1-3 on any process (a teacher server down, a request refused) stops every process,
+            # after the last complete step is saved: until this step's optimizer step, the weights are those after `step`.
+            with timer("rollout"), _failing_together(accelerator, keep_last_step):
                 # ESR is this length: generation itself stops after K tokens, nothing is masked off.
                 batch = engine.sample(student_prompts, sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
 
             # ---- 2. what the teacher reads (across tokenizers: the text, aligned) ------------------
-            with timer("align"):  # nothing to do for a shared tokenizer; across tokenizers, text and alignment
+            # nothing to do for a shared tokenizer; across tokenizers, the text and its alignment
+            with timer("align"), _failing_together(accelerator, keep_last_step):
                 plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
             counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a teacher signal, all processes
             loss_tokens = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()  # on this process
@@ -231,7 +240,7 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             for i, idx in enumerate(groups):
                 width = int(batch.lengths[idx].max())  # T': drop the padding past this group's longest response
                 micro = rollout.Rollouts([student_prompts[j] for j in idx], batch.responses[idx, :width], batch.mask[idx, :width])
-                with timer("teacher"):
+                with timer("teacher"), _failing_together(accelerator, keep_last_step):
                     scores = teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
                 with timer("train"), accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext():
                     loss, metric_sums = objective.micro_batch_loss(learner, teacher, scores, micro, run.loss, denominator)
@@ -297,9 +306,10 @@ def train(cfg: Config, log=tqdm.write) -> Path:
 
     # ---- final model -----------------------------------------------------------------------------
     final_student = sharding.whole(plain_student)  # sharded: gathered on the first process (every process joins)
-    if is_main:
-        _save_final(cfg, run_dir, final_student, pair, best)
-        log(f"Final student saved to {run_dir / 'final'}")
+    with ranks.fail_together(accelerator):  # a full disk on the first process stops every process
+        if is_main:
+            _save_final(cfg, run_dir, final_student, pair, best)
+            log(f"Final student saved to {run_dir / 'final'}")
     accelerator.wait_for_everyone()
     return run_dir
 
@@ -340,7 +350,8 @@ def _save(accelerator: Accelerator, run_dir: Path, done: int, student, optimizer
     on the first process, None on the others."""
     if sharding.is_sharded(student):
         student, optimizer = sharding.whole(student), sharding.WholeOptimizer(student, optimizer)
-    path = checkpoint.save(run_dir, done, student, optimizer, scheduler, keep, best_step) if accelerator.is_main_process else None
+    with ranks.fail_together(accelerator):  # the others wait; a full disk on the first process stops them all
+        path = checkpoint.save(run_dir, done, student, optimizer, scheduler, keep, best_step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return path
 
@@ -359,6 +370,19 @@ def _show(bar, metrics: dict) -> None:
     bar.update(1)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl/reverse']:.4f}",
                     len=f"{metrics['rollout/len_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
+
+
+@contextmanager
+def _failing_together(accelerator: Accelerator, before_stopping) -> Iterator[None]:
+    """A phase that every process runs with no collective inside (rollout, alignment, scoring): an exception on any
+    process is raised on every process (ranks.fail_together: the others raise PeerFailed with its message), after
+    `before_stopping()`, which every process runs together."""
+    try:
+        with ranks.fail_together(accelerator):
+            yield
+    except Exception:
+        before_stopping()
+        raise
 
 
 @contextmanager
