@@ -63,6 +63,7 @@ def test_quickstart_smoke_with_tiny_budgets(model_cache, tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["rollout/len_mean"] <= 4 for m in metrics)
     assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step_0000002").is_dir()
+    assert (run / "curves.png").is_file() and "| qs | 2 |" in (run / "curves.md").read_text()  # esrdistill report's
 
 
 @needs_package

@@ -1,4 +1,4 @@
-"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, lab, models."""
+"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, lab, report, launch, models."""
 
 from __future__ import annotations
 
@@ -139,6 +139,14 @@ def cmd_lab(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from esrdistill.runreport import report
+
+    path = report(args.run_dirs, out=args.out, target=args.target)
+    print(f"wrote {path} and {path.with_name('curves.png')}")
+    return 0
+
+
 def cmd_launch(args) -> int:
     from esrdistill.launch import launch
 
@@ -226,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the lab's directory (default runs/lab, runs/lab-quick with --quick)")
     p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     p.set_defaults(func=cmd_lab)
+
+    p = sub.add_parser("report", help="a run's curves (loss, KL, length, cut-offs, evaluations against steps and time, "
+                                      "phase times), several runs side by side: curves.png and curves.md")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `esrdistill train`")
+    p.add_argument("--out", help="where to write (default: the run directory for one run, runs/report for several)")
+    p.add_argument("--target", type=float, help="an accuracy (0-1): report the first evaluation that reaches it, with "
+                                                "its seconds and generated tokens")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("launch", help="several processes (accelerate launch's options, then `train ...`), ending as one "
                                       "process does: one message, its exit status", prefix_chars="+")

@@ -13,7 +13,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from esrdistill import teachers
+from esrdistill import runreport, teachers
 from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.evaluate import EvalResult, run_eval, summarise
 from esrdistill.packaged import is_packaged, resolve
@@ -157,7 +157,7 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
             + (f". The budget is smaller than the quickstart's ({', '.join(small)}), which may be why." if small else
                f". At the quickstart's own budget this is a failure: per-step figures are in {run_dir}/metrics.jsonl, "
                "and docs/not-learning.md says what to look at."))
-    say(f"Run directory: {run_dir} (config.yaml, metrics.jsonl, final/, quickstart.json, report.md)")
+    say(f"Run directory: {run_dir} (config.yaml, metrics.jsonl, final/, quickstart.json, report.md, curves.png)")
 
     report = {
         "variant": variant,
@@ -174,4 +174,6 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "quickstart.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(f"# {name}\n\n{report_text}\n")
+    curves = runreport.report([str(run_dir)])  # the training curves (esrdistill report RUN_DIR)
+    say(f"Training curves: {curves.with_name('curves.png')} ({curves.name} beside it)")
     return report
