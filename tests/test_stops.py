@@ -292,3 +292,9 @@ def test_esrdistill_launch_keeps_the_first_processs_exit_status():
     assert split(["--num_processes", "2", "train", "a.yaml", "steps=3"]) == (["--num_processes", "2"], ["train", "a.yaml", "steps=3"])
     with pytest.raises(Exception, match="names the script itself"):
         split(["-m", "esrdistill.cli", "train"])
+
+
+def test_esrdistill_launch_help_says_whose_options_it_takes(capsys):
+    assert cli.main(["launch", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: esrdistill launch [accelerate launch options] train") and "accelerate launch --help" in out

@@ -47,6 +47,10 @@ def launch(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if argv in ([], ["-h"], ["--help"]):
+        print(f"usage: {USAGE}\n\nThe options are accelerate launch's (`accelerate launch --help`): --multi_gpu, "
+              "--num_processes N, --config_file F, ... On a machine without GPUs add device=cpu to the training settings.")
+        return 0
     options, command = split(argv)
     parser = launch_command_parser()
     try:
