@@ -374,8 +374,9 @@ def _show(bar, metrics: dict) -> None:
 
 @contextmanager
 def _failing_together(accelerator: Accelerator, before_stopping) -> Iterator[None]:
-    """A phase that every process runs with no collective inside (rollout, alignment, scoring): an exception on any
-    process is raised on every process (ranks.fail_together: the others raise PeerFailed with its message), after
+    """A phase that every process runs with no collective that a failure could skip (rollout, alignment, scoring; a
+    sharded student's all-gather opens the rollout, before anything in it can fail): an exception on any process is
+    raised on every process (ranks.fail_together: the others raise PeerFailed with its message), after
     `before_stopping()`, which every process runs together."""
     try:
         with ranks.fail_together(accelerator):
