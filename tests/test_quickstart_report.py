@@ -1,6 +1,7 @@
 """The quickstart's report of a several-teachers run, from made-up evaluations (no model runs)."""
 
 import json
+from pathlib import Path
 
 from esrdistill import quickstart
 from esrdistill.evaluate import ProblemResult, summarise
@@ -22,8 +23,12 @@ def test_a_task_that_was_not_taught_is_named_even_when_the_whole_set_was(tmp_pat
 
     monkeypatch.setattr(quickstart, "run_eval", run_eval)
     monkeypatch.setattr(quickstart, "is_packaged", lambda spec: False)
-    monkeypatch.setattr(quickstart, "train", lambda cfg: None)
-    monkeypatch.setattr(quickstart, "read_metrics", lambda run_dir: [{"time/rollout_s": 1.0}])
+    def train(cfg):  # one logged step, as a run leaves it
+        Path(cfg.run_dir).mkdir(parents=True)
+        row = {"step": 1, "loss": 0.5, "rollout/tokens": 8, "time/rollout_s": 1.0, "time/step_s": 2.0}
+        (Path(cfg.run_dir) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+
+    monkeypatch.setattr(quickstart, "train", train)
     report = quickstart.quickstart([f"run_dir={tmp_path / 'run'}"], "teachers")
     out = capsys.readouterr().out
     assert report["student_after"]["accuracy"] == 0.625 and report["per_teacher"]["products"]["student_after"] == 0.25
@@ -31,3 +36,4 @@ def test_a_task_that_was_not_taught_is_named_even_when_the_whole_set_was(tmp_pat
     assert "The rows of products gained less than 40 points: distillation did not teach the student those" in out
     assert "basic_arithmetic gained" not in out and "did not teach the student here" not in out
     assert json.loads((tmp_path / "run" / "quickstart.json").read_text())["per_teacher"] == report["per_teacher"]
+    assert (tmp_path / "run" / "curves.png").is_file() and "| run | 1 | 2 | 8 |" in (tmp_path / "run" / "curves.md").read_text()
