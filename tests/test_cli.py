@@ -158,7 +158,7 @@ def test_data_a_run_cannot_use_is_one_line_naming_what_to_change(tiny_dirs, tmp_
                         "fill them in\n"),
         "directory": ({"dataset": str(tmp_path / "data")},
                       f"error: dataset {tmp_path / 'data'} is a directory without a .jsonl, .json, .csv or .parquet file: a "
-                      "dataset is reasoning_gym:NAME, a .jsonl"),
+                      "dataset is reasoning_gym:NAME, packaged:NAME (a task shipped with esrdistill), a .jsonl"),
     }[case]
     (tmp_path / "data").mkdir()
     values = tiny_overrides(student, teacher, tmp_path / "run", shuffle_prompts=False, dataset_options={}, **extra)

@@ -206,7 +206,7 @@ def test_rows_without_an_answer_are_counted_by_split_before_any_is_used(tmp_path
 def test_a_directory_without_data_files_or_an_unsupported_file_names_the_supported_forms(tmp_path):
     (tmp_path / "notes.txt").write_text("What is 1+1?\n")
     (tmp_path / "empty").mkdir()
-    forms = r"a dataset is reasoning_gym:NAME, a \.jsonl, \.json, \.csv or \.parquet file, a directory of such files"
+    forms = r"a dataset is reasoning_gym:NAME, packaged:NAME \(a task shipped with esrdistill\), a \.jsonl, \.json, \.csv or \.parquet file, a directory of such files"
     with pytest.raises(DataError, match=rf"^data file .*notes\.txt is a \.txt file, which esrdistill does not read: {forms}"):
         load_task(str(tmp_path / "notes.txt"))
     with pytest.raises(DataError, match=rf"^dataset .*empty is a directory without a \.jsonl, \.json, \.csv or \.parquet file: {forms}"):

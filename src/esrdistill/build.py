@@ -66,6 +66,7 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         seed=cfg.data_seed,
         options=cfg.dataset_options,
         split=cfg.dataset_split,
+        eval_split=cfg.eval_split,
         need_train=need_train,
         shuffle=cfg.shuffle_prompts,
     )

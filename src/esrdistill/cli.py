@@ -1,4 +1,4 @@
-"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, lab, report, launch, models."""
+"""The `esrdistill` command: train, eval, diagnose, quickstart, bench, sweep, study, lab, report, launch, models."""
 
 from __future__ import annotations
 
@@ -121,6 +121,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from esrdistill.study import study
+    from esrdistill.train import TrainingInterrupted
+
+    try:
+        study(args.name, args.overrides, out=args.out, report=args.report, quick=args.quick, arms=args.arms, seeds=args.seeds)
+    except TrainingInterrupted as stop:
+        _report(str(stop), launcher_note=False)
+        return 130
+    return 0
+
+
 def cmd_lab(args) -> int:
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
@@ -226,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("study", help="ESR against a full rollout on a pair of models: arms x seeds, runs.json and report.md "
+                                     "(shipped: same, cross; resumable)")
+    p.add_argument("name", metavar="NAME|FILE", help="a shipped study (same: SmolLM2 context distillation; cross: Gemma-3-270M "
+                                                    "from SmolLM2) or a study file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the study's config for every run")
+    p.add_argument("--quick", action="store_true", help="the study's short check (its quick section: few steps and problems)")
+    p.add_argument("--out", help="the runs' directory (default runs/study/NAME)")
+    p.add_argument("--report", help="where runs.json, report.md and the pictures go (default: --out)")
+    p.add_argument("--arms", help="only these arms (comma-separated)")
+    p.add_argument("--seeds", help="only these seeds (comma-separated)")
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("lab", help="small models trained from scratch on a synthetic task; `lab repro`: the paper's claims "
                                    "re-checked with seeds (about an hour on 2 CPU cores)")
     p.add_argument("what", choices=("models", "repro"), help="models: train (or reuse) the teacher and student and report "
@@ -277,8 +301,9 @@ def _report(text: str, launcher_note: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "args"):  # key=value after an option: argparse leaves them over
-        args.args += [e for e in extra if "=" in e and not e.startswith("-")]
+    listed = "args" if hasattr(args, "args") else "overrides" if hasattr(args, "overrides") else None
+    if extra and listed:  # key=value after an option: argparse leaves them over
+        setattr(args, listed, getattr(args, listed) + [e for e in extra if "=" in e and not e.startswith("-")])
         extra = [e for e in extra if e.startswith("-") or "=" not in e]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

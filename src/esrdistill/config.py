@@ -61,9 +61,10 @@ class Config:
     model_cache: Optional[str] = None  # where packaged models are converted; null = ~/.cache/esrdistill (or $ESRDISTILL_CACHE)
 
     # ---- data ---------------------------------------------------------------------------------
-    dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, a .jsonl/.json/.csv/.parquet file, a directory of them (split by file name, as datasets does), or a datasets hub name
+    dataset: str = "reasoning_gym:chain_sum"  # reasoning_gym:TASK, packaged:NAME (shipped tasks: worked_sums), a .jsonl/.json/.csv/.parquet file, a directory of them (split by file name, as datasets does), or a datasets hub name
     dataset_options: dict = field(default_factory=dict)  # kwargs for the generator / datasets.load_dataset
     dataset_split: str = "train"  # split to read from a directory or a datasets name
+    eval_split: Optional[str] = None  # evaluate on the first eval_prompts rows of this split (e.g. test), the same for every data_seed; training rows with one of their prompts are left out. null = hold rows out of dataset_split
     prompt_field: str = "question"  # row field holding the prompt text
     answer_field: str = "answer"  # row field holding the reference answer (used for eval and few-shot, which refuse rows without one)
     num_prompts: Optional[int] = 1000  # training prompts to use; null = every remaining row

@@ -2,7 +2,9 @@
 
 A task is split once, deterministically from the seed, into few-shot examples (shown to the teacher
 only), evaluation problems, and training prompts, in that order, so the evaluation set does not
-depend on how many training prompts a run asks for. The rows of a file or a datasets name are
+depend on how many training prompts a run asks for. With eval_split the evaluation problems are the
+first rows of that split instead (in its own order, the same for every seed), and a training row whose
+prompt is one of them is left out, so they stay held out whatever the seed. The rows of a file or a datasets name are
 shuffled from the seed first (shuffle=False keeps the file's order); a generator's rows are used in
 the order it makes them.
 """
@@ -12,17 +14,19 @@ from __future__ import annotations
 import json
 import random
 import re
-from itertools import islice
 from dataclasses import dataclass, field
+from importlib.resources import files
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from esrdistill.errors import UserError
 
 REASONING_GYM = "reasoning_gym:"
+PACKAGED = "packaged:"  # a task shipped inside the package: src/esrdistill/tasks/NAME/{train,test}.jsonl
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_GENERATED = 1000  # training prompts generated when num_prompts is null for a generator
-FORMS = ("reasoning_gym:NAME, a .jsonl, .json, .csv or .parquet file, a directory of such files (a local copy of a "
+FORMS = ("reasoning_gym:NAME, packaged:NAME (a task shipped with esrdistill), a .jsonl, .json, .csv or .parquet file, a directory of such files (a local copy of a "
          "datasets repository, split by file name), or a datasets hub name")  # what `dataset` may be, for messages
 
 
@@ -46,6 +50,7 @@ class Task:
     source: Any = None  # the reasoning-gym dataset (its score_answer grades), else None
     skipped: int = 0  # rows left out because their prompt was unusable
     skipped_why: str = ""
+    held_out: int = 0  # training rows left out because an evaluation problem (eval_split) has their prompt
 
     @property
     def is_reasoning_gym(self) -> bool:
@@ -175,7 +180,27 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def packaged_datasets() -> dict[str, Path]:
+    """{name: directory} of the tasks shipped in the package (packaged:NAME)."""
+    root = Path(str(files("esrdistill") / "tasks"))
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob("*.jsonl"))} if root.is_dir() else {}
+
+
+def _packaged_rows(spec: str, split: str) -> list[dict]:
+    name = spec[len(PACKAGED):]
+    shipped = packaged_datasets()
+    if name not in shipped:
+        raise DataError(f"there is no packaged dataset '{name}': the packaged ones are {', '.join(shipped) or 'none'}")
+    path = shipped[name] / f"{split}.jsonl"
+    if not path.is_file():
+        splits = ", ".join(p.stem for p in sorted(shipped[name].glob("*.jsonl")))
+        raise DataError(f"{spec} has no split '{split}': its splits are {splits}")
+    return _read_jsonl(path)
+
+
 def _rows_from_library(spec: str, options: dict, split: str) -> list[dict]:
+    if spec.startswith(PACKAGED):
+        return _packaged_rows(spec, split)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix not in FILE_FORMATS:
         raise DataError(f"data file {path} is a {path.suffix or 'suffix-less'} file, which esrdistill does not read: "
@@ -229,6 +254,7 @@ def load_task(
     shuffle: bool = True,
     route=None,
     fewshot_template: str | dict[str, str] | None = None,
+    eval_split: str | None = None,
 ) -> Task:
     """Load and split a task. `dataset` is reasoning_gym:NAME, a file path, a directory of data files, or a
     datasets name (FORMS).
@@ -240,6 +266,8 @@ def load_task(
     fewshot_template (the assistant turn of a worked example; {teacher: template} for several teachers) is
     checked against the worked examples now, before any model loads (check_fewshot_template).
     A local row without an answer is an error when answers are used (eval_prompts or fewshot > 0).
+    eval_split: the evaluation problems are the first eval_prompts rows of this split (not shuffled), and
+    training rows and worked examples whose prompt is one of theirs are left out (Task.held_out counts them).
     """
     options = dict(options or {})
     fewshot_total = sum(fewshot.values()) if isinstance(fewshot, dict) else fewshot
@@ -263,6 +291,9 @@ def load_task(
         seed = int(options.pop("seed"))
     if dataset.startswith(REASONING_GYM):
         name = dataset[len(REASONING_GYM) :]
+        if eval_split:
+            raise DataError(f"eval_split={eval_split}: a reasoning-gym task has no splits (its held-out problems are "
+                            "rows of the same generator); give a dataset with a test split, or leave eval_split unset")
         size = fewshot_total + eval_prompts + (num_prompts if num_prompts is not None else DEFAULT_GENERATED)
         source = _reasoning_gym(name, options, seed, size)
         # some tasks (graph_color, rush_hour, ...) have no reference answer: their score_answer checks a response alone
@@ -284,6 +315,29 @@ def load_task(
         )
     if shuffle:
         random.Random(seed).shuffle(raw)
+    rows = _problems(raw, prompt_field, answer_field)
+    skipped = len(raw) - len(rows)
+    if not rows:
+        raise DataError(f"dataset '{dataset}' has no row whose '{prompt_field}' is a non-empty string ({len(raw)} rows)")
+    held_out = 0
+    if eval_split:
+        ev = _problems(_rows_from_library(dataset, options, eval_split), prompt_field, answer_field)[:eval_prompts]
+        if need_train and len(ev) < eval_prompts:
+            raise DataError(f"eval_split {eval_split} of {dataset} has {len(ev)} usable rows, but eval_prompts={eval_prompts}")
+        held = {p.prompt for p in ev}
+        held_out = sum(p.prompt in held for p in rows)
+        rows = [p for p in rows if p.prompt not in held]
+        few, _, train = split_rows(rows, fewshot, 0, num_prompts, dataset, need_train)
+    else:
+        few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
+    if needs_answer:
+        _check_answers(few + ev + train, len(few), len(ev), answer_field, dataset)
+    return checked(Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped, held_out=held_out,
+                        skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else ""))
+
+
+def _problems(raw: list[dict], prompt_field: str, answer_field: str) -> list[Problem]:
+    """The rows with a usable prompt (a non-empty string), as Problems."""
     rows = []
     for row in raw:
         prompt = row.get(prompt_field)
@@ -291,11 +345,4 @@ def load_task(
             continue  # a row without a usable prompt cannot be sampled from
         answer = row.get(answer_field)
         rows.append(Problem(prompt=prompt, answer=None if answer is None else str(answer), row=row))
-    skipped = len(raw) - len(rows)
-    if not rows:
-        raise DataError(f"dataset '{dataset}' has no row whose '{prompt_field}' is a non-empty string ({len(raw)} rows)")
-    few, ev, train = split_rows(rows, fewshot, eval_prompts, num_prompts, dataset, need_train)
-    if needs_answer:
-        _check_answers(few + ev + train, len(few), len(ev), answer_field, dataset)
-    return checked(Task(name=dataset, train=train, eval=ev, fewshot=few, skipped=skipped,
-                        skipped_why=f"'{prompt_field}' is not a non-empty string" if skipped else ""))
+    return rows

@@ -160,9 +160,16 @@ def plot(names: list[str], runs: list[list[dict]], path: Path) -> Path:
     for ax in axes.flat:
         if ax.lines and len(names) > 1:
             ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay the figure out, write it (its folder made if needed) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -166,7 +166,8 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     say(f"{len(train_set.problems)} training prompts ({train_set.dropped} dropped as too long), "
         f"{len(eval_set.problems)} eval problems ({eval_set.dropped} dropped), rollouts of {rollout_len} tokens")
     say(pair.describe() + "".join(f"; {k} {v:.1%}" for k, v in teacher.constant_metrics.items()))
-    for note in (train_set.why_dropped, task.skipped and f"{task.skipped} rows skipped: {task.skipped_why}"):
+    for note in (train_set.why_dropped, task.skipped and f"{task.skipped} rows skipped: {task.skipped_why}",
+                 task.held_out and f"{task.held_out} training rows left out: an evaluation problem has their prompt"):
         if note:
             say(f"Note: {note}")
     if cfg.loss == "sampled" and cfg.top_p < 1:
