@@ -112,13 +112,15 @@ def _pick(names: str | None, have: list, kind: str, parse=str) -> list:
 
 
 def plan(study: Study, out: Path, overrides: dict, arms: str | None = None, seeds: str | None = None) -> list[StudyRun]:
-    """Every arm x seed, each config checked now, so that a bad value fails before any run starts."""
+    """Every seed x arm (seed by seed, each in the arms' order), each config checked now, so that a bad value
+    fails before any run starts."""
     for key in ("seed", "data_seed", "run_dir", "resume"):
         if key in overrides or any(key in changes for changes in study.arms.values()):
             raise ConfigError(f"{key} is set by the study itself for each run")
     runs = []
-    for arm in _pick(arms, list(study.arms), "arms"):
-        for seed in _pick(seeds, study.seeds, "seeds", int):
+    chosen = _pick(arms, list(study.arms), "arms")
+    for seed in _pick(seeds, study.seeds, "seeds", int):  # seed by seed: a study stopped half-way has whole seeds
+        for arm in chosen:
             run_dir = out / arm / f"seed{seed}"
             values = {**study.arms[arm], **overrides, "seed": seed, "data_seed": seed, "run_dir": str(run_dir)}
             load_config(str(out / "config.yaml"), values)

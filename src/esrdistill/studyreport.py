@@ -214,6 +214,9 @@ def write(report_dir: Path, records: list[dict]) -> Path:
                   f"{first['eval_problems']} evaluation problems, batch {first['batch_size']}. Commands: "
                   + "; ".join(f"`{c}`" for c in commands) + f". Code: {commits}.", "", *table(rows), ""]
         lines += speedups(rows) + ([""] if speedups(rows) else [])
+        lines += [f"{len(group)} runs: {sum(r['seconds'] for r in group) / 60:.0f} min of training, "
+                  f"{sum(r['seconds_with_eval'] for r in group) / 60:.0f} min with the evaluations during training "
+                  "(on the machine that ran them; the before-training evaluations and the diagnostics come on top).", ""]
         lines += [f"![{pair}]({image.name})", "", *_diagnostics_lines(report_dir, name), ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))
