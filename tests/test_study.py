@@ -103,7 +103,7 @@ def test_an_unknown_study_arm_or_seed_is_a_one_line_error(capsys):
     assert main(["study", "nonesuch"]) == 2
     assert "no study 'nonesuch': name a shipped one (same, cross)" in capsys.readouterr().err
     assert main(["study", "same", "--arms", "esr99", "--out", "/tmp/esrdistill-test-study-arms"]) == 2
-    assert "--arms esr99: the study's arms are esr16" in capsys.readouterr().err
+    assert "--arms esr99: the study's arms are full, esr32" in capsys.readouterr().err
 
 
 # ---- one run's record, against a slow reckoning ------------------------------------------------------------
