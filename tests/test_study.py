@@ -171,6 +171,9 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
     assert "| esr16 | ESR, K=16 |" in text and "| full | full (up to 24) |" in text
     assert "esrdistill study same --quick" in text and "teacher continues the student's rollout" in text
     assert (report / "same.png").stat().st_size > 0 and (report / "diagnose-same" / "diagnostics.json").is_file()
+    made = json.loads((out / "esr16" / "seed0" / "study.json").read_text())  # the code that trained it, kept with it
+    assert made["commits"] == [records[0]["commit"]] and made["commands"] == [records[0]["command"]]
+    assert records[0]["command"].startswith("esrdistill study same --quick --out ")
 
     import esrdistill.train
 
@@ -178,5 +181,40 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
         raise AssertionError(f"trained {cfg.run_dir} again")
 
     monkeypatch.setattr(esrdistill.train, "train", no_training)
+    (out / "esr16" / "seed0" / "study.json").write_text(json.dumps({"commits": ["abc1234"], "commands": ["earlier"]}))
     assert main(args) == 0  # everything is done: nothing is trained, the report is rewritten
-    assert len(json.loads((report / "runs.json").read_text())) == 4
+    again = json.loads((report / "runs.json").read_text())
+    assert len(again) == 4
+    assert [r["commit"] for r in again if (r["arm"], r["seed"]) == ("esr16", 0)] == ["abc1234"]  # not today's code
+
+
+def test_the_diagnostics_summary_reads_the_share_at_K_and_the_kl_beyond_K():
+    result = {"decay": {"ks": [0, 8, 16], "teacher_continues_student": [0.9, 0.5, 0.2], "student_continues_teacher": [0, 0.3, 0.8],
+                        "n": 10},
+              "profile": {"kl_share_without_first": {"8": 0.4, "16": 0.7, "24": 0.9}, "first_position_kl_share": 0.1},
+              "cascading": {"bucket_starts": [0, 8, 16, 24], "before": [1.0, 2.0, 3.0, 5.0], "after": [0.5, 1.0, 2.0, None]}}
+    d = studyreport.diagnostics_summary(result, k=20)
+    assert d["share_k"] == 16 and d["kl_share_without_first"] == 0.7  # the largest measured prefix within K
+    assert d["beyond_k_before"] == pytest.approx(5.0)  # buckets starting at or after K=20: only 24
+    assert d["beyond_k_after"] is None  # its only bucket beyond K is empty
+    assert d["within_k_before"] == pytest.approx(2.0) and d["within_k_after"] == pytest.approx(3.5 / 3)
+    assert studyreport.diagnostics_summary(result, k=16)["beyond_k_before"] == pytest.approx(4.0)
+
+
+def test_the_accuracies_before_training_are_computed_once(tmp_path, monkeypatch):
+    import esrdistill.evaluate as evaluate
+    from esrdistill.evaluate import summarise
+
+    calls = []
+
+    def fake_eval(cfg, model, view="student", progress=True, **kw):
+        calls.append((model, view, cfg.data_seed))
+        return summarise([], 0.0)
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_eval)
+    for seed in (0, 1, 0, 1):
+        cfg = load_config(None, {"data_seed": seed, "eval_split": "test", "dataset": "packaged:worked_sums"})
+        study_mod.before(cfg, tmp_path, "teacher", say=lambda _: None)
+        study_mod.before(cfg, tmp_path, "student", say=lambda _: None)
+    views = [(view, seed) for _, view, seed in calls]
+    assert views == [("teacher", 0), ("student", 0), ("teacher", 1)]  # the zero-shot student's problems do not move with the seed

@@ -164,6 +164,15 @@ def before(cfg, out: Path, view: str, say=print) -> dict:
     return record
 
 
+def _provenance(run_dir: Path, code: str | None = None, command: str | None = None) -> dict:
+    """{"commits", "commands"} that trained a run (RUN/study.json; a resumed run lists each); for a run trained
+    without it, the given ones."""
+    path = run_dir / "study.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"commits": [code] if code else [], "commands": [command] if command else []}
+
+
 def _train_seconds(row: dict) -> float:
     """A step's training time: time/step_s less the evaluation and the checkpoint write it holds."""
     return float(row.get("time/step_s", 0.0)) - float(row.get("time/eval_s", 0.0)) - float(row.get("time/save_s", 0.0))
@@ -278,11 +287,17 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
                 import shutil
 
                 shutil.rmtree(run.run_dir)
+            provenance = _provenance(run.run_dir) if resume else {"commits": [], "commands": []}
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "study.json").write_text(json.dumps(  # the code and command that trained it, kept
+                {"commits": list(dict.fromkeys(provenance["commits"] + [code])),
+                 "commands": list(dict.fromkeys(provenance["commands"] + [command]))}, indent=1))
             try:
                 train(load_config(str(out_dir / "config.yaml"), {**run.values, "resume": resume}))
             except TrainingInterrupted as stop:  # the same command continues it; finished runs are kept
                 raise TrainingInterrupted(stop.step, stop.checkpoint, f"`{command}`") from None
-        rec = {**record(st, run, cfg, teacher, student, code), "command": command}
+        made = _provenance(run.run_dir, code, command)
+        rec = {**record(st, run, cfg, teacher, student, "+".join(made["commits"])), "command": " then ".join(made["commands"])}
         say(f"[study] {run.arm} seed {run.seed}: {rec['student_before']:.1%} -> "
             + (f"{rec['student_after']:.1%}" if rec["student_after"] is not None else "no evaluation")
             + f" (teacher {rec['teacher_accuracy']:.1%}), {rec['seconds']:.0f} s of training")
