@@ -93,6 +93,22 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def run_table(records: list[dict]) -> list[str]:
+    """Every run on its own line: the seeds behind the means."""
+    head = ["arm", "seed", "teacher", "student after (95% CI)", "best (step)", "training s", "s to target",
+            "eval length / cut after", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(records, key=lambda r: (list(dict.fromkeys(x["arm"] for x in records)).index(r["arm"]), r["seed"])):
+        best = max(r["curve"], key=lambda p: (p["accuracy"], -p["step"]))
+        after = "-" if r["student_after"] is None else (
+            f"{r['student_after']:.0%} ({r['student_after_ci'][0]:.0%}-{r['student_after_ci'][1]:.0%})")
+        lines.append("| " + " | ".join([
+            r["arm"], str(r["seed"]), f"{r['teacher_accuracy']:.0%}", after, f"{best['accuracy']:.0%} ({best['step']})",
+            f"{r['seconds']:.0f}", "never" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}",
+            "-" if r["after_len_mean"] is None else f"{r['after_len_mean']:.0f} / {r['after_cut_frac']:.0%}", r["commit"]]) + " |")
+    return lines
+
+
 def speedups(rows: list[dict]) -> list[str]:
     """Each ESR arm against the full rollout of the same loss: seconds per step and seconds to the target."""
     lines = []
@@ -217,7 +233,8 @@ def write(report_dir: Path, records: list[dict]) -> Path:
         lines += [f"{len(group)} runs: {sum(r['seconds'] for r in group) / 60:.0f} min of training, "
                   f"{sum(r['seconds_with_eval'] for r in group) / 60:.0f} min with the evaluations during training "
                   "(on the machine that ran them; the before-training evaluations and the diagnostics come on top).", ""]
-        lines += [f"![{pair}]({image.name})", "", *_diagnostics_lines(report_dir, name), ""]
+        lines += [f"![{pair}]({image.name})", "", "Every run:", "", *run_table(group), "",
+                  *_diagnostics_lines(report_dir, name), ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
