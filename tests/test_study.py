@@ -218,3 +218,15 @@ def test_the_accuracies_before_training_are_computed_once(tmp_path, monkeypatch)
         study_mod.before(cfg, tmp_path, "student", say=lambda _: None)
     views = [(view, seed) for _, view, seed in calls]
     assert views == [("teacher", 0), ("student", 0), ("teacher", 1)]  # the zero-shot student's problems do not move with the seed
+
+
+def test_what_a_final_accuracy_is_made_of_the_format_and_the_last_number(tmp_path):
+    (tmp_path / "eval").mkdir()
+    problems = [{"reference": "11", "responses": ["So Noah has 11 shells now.\n<answer>11</answer>"], "answers": ["11"]},
+                {"reference": "9", "responses": ["4 + 5 = 9 buttons.\nThe answer is 9."], "answers": [None]},
+                {"reference": "16", "responses": ["Adding 16: 17\nAdding 17: 18"], "answers": [None]},
+                {"reference": "3", "responses": ["no number at all"], "answers": [None]}]
+    (tmp_path / "eval" / "step_0000002.json").write_text(json.dumps({"problems": []}))
+    (tmp_path / "eval" / "step_0000004.json").write_text(json.dumps({"problems": problems}))  # the last one counts
+    assert study_mod.answer_forms(tmp_path) == {"after_answer_extracted": 0.25, "after_last_number_right": 0.5}
+    assert study_mod.answer_forms(tmp_path / "nowhere") == {"after_answer_extracted": None, "after_last_number_right": None}

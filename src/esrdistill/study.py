@@ -16,6 +16,7 @@ REPORT/runs.json and the report is rewritten, so a study stopped half-way has it
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -178,6 +179,24 @@ def _train_seconds(row: dict) -> float:
     return float(row.get("time/step_s", 0.0)) - float(row.get("time/eval_s", 0.0)) - float(row.get("time/save_s", 0.0))
 
 
+def answer_forms(run_dir: Path) -> dict:
+    """From the run's last evaluation (eval/step_N.json, every response): the share of responses with an answer
+    the grader could extract (the asked-for format) and the share whose last number is the reference (the sum
+    right, in whatever format): what a 0% is made of."""
+    files = sorted((run_dir / "eval").glob("step_*.json"))
+    if not files:
+        return {"after_answer_extracted": None, "after_last_number_right": None}
+    problems = json.loads(files[-1].read_text())["problems"]
+    n = sum(len(p["responses"]) for p in problems)
+
+    def last_number(text: str) -> str | None:
+        found = re.findall(r"-?\d+", text)
+        return found[-1] if found else None
+
+    return {"after_answer_extracted": sum(a is not None for p in problems for a in p["answers"]) / n,
+            "after_last_number_right": sum(last_number(r) == p["reference"] for p in problems for r in p["responses"]) / n}
+
+
 def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code: str) -> dict:
     """One run's object in runs.json, from its metrics.jsonl and the accuracies before training."""
     rows = read_metrics(run.run_dir)
@@ -214,7 +233,7 @@ def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code:
         "cut_frac": sum(1.0 - float(r.get("rollout/eos_frac", 0.0)) for r in rows) / len(rows) if rows else None,
         "len_per_step": [round(float(r.get("rollout/len_mean", 0.0)), 2) for r in rows],
         "cut_per_step": [round(1.0 - float(r.get("rollout/eos_frac", 0.0)), 4) for r in rows],
-        "after_len_mean": last_eval.get("eval/len_mean") if last_eval else None,
+        "after_len_mean": last_eval.get("eval/len_mean") if last_eval else None, **answer_forms(run.run_dir),
         "after_cut_frac": last_eval.get("eval/cut_frac") if last_eval else None,
         "target_accuracy": target, "seconds_to_target": hit["seconds"] if hit else None,
         "tokens_to_target": hit["generated_tokens"] if hit else None, "steps_to_target": hit["step"] if hit else None,

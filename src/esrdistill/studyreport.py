@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> list[str]:
 def run_table(records: list[dict]) -> list[str]:
     """Every run on its own line: the seeds behind the means."""
     head = ["arm", "seed", "teacher", "student after (95% CI)", "best (step)", "training s", "s to target",
-            "eval length / cut after", "commit"]
+            "eval length / cut after", "tagged / last number right", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(records, key=lambda r: (list(dict.fromkeys(x["arm"] for x in records)).index(r["arm"]), r["seed"])):
         best = max(r["curve"], key=lambda p: (p["accuracy"], -p["step"]))
@@ -105,7 +105,9 @@ def run_table(records: list[dict]) -> list[str]:
         lines.append("| " + " | ".join([
             r["arm"], str(r["seed"]), f"{r['teacher_accuracy']:.0%}", after, f"{best['accuracy']:.0%} ({best['step']})",
             f"{r['seconds']:.0f}", "never" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}",
-            "-" if r["after_len_mean"] is None else f"{r['after_len_mean']:.0f} / {r['after_cut_frac']:.0%}", r["commit"]]) + " |")
+            "-" if r["after_len_mean"] is None else f"{r['after_len_mean']:.0f} / {r['after_cut_frac']:.0%}",
+            "-" if r.get("after_answer_extracted") is None else
+            f"{r['after_answer_extracted']:.0%} / {r['after_last_number_right']:.0%}", r["commit"]]) + " |")
     return lines
 
 
