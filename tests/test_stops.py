@@ -289,6 +289,8 @@ def test_esrdistill_launch_keeps_the_first_processs_exit_status():
     failure = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
     assert exit_status({1: failure(1), 0: failure(2)}) == 2
     assert exit_status({0: failure(-9)}) == 137  # killed by SIGKILL
+    assert exit_status({0: failure(-15), 1: failure(2)}) == 2  # rank 1 failed first; the launcher then stopped rank 0
+    assert exit_status({0: failure(-9), 1: failure(-15)}) == 137
     assert split(["--num_processes", "2", "train", "a.yaml", "steps=3"]) == (["--num_processes", "2"], ["train", "a.yaml", "steps=3"])
     with pytest.raises(Exception, match="names the script itself"):
         split(["-m", "esrdistill.cli", "train"])

@@ -34,10 +34,11 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def exit_status(failures: dict) -> int:
-    """The status a single process would have ended with, from torch's {rank: ProcessFailure}: the first
-    process's own (a process killed by a signal: 128 + its number)."""
-    first = failures[min(failures)]
-    code = first.exitcode
+    """The status a single process would have ended with, from torch's {rank: ProcessFailure}: that of the first
+    process that ended on its own (the launcher stops the others with SIGTERM once one fails, so a process that
+    saw the same error a moment later may be listed as killed), else the first process's signal (128 + its number)."""
+    own = [rank for rank, failure in failures.items() if failure.exitcode > 0]
+    code = failures[min(own)].exitcode if own else failures[min(failures)].exitcode
     return 128 - code if code < 0 else code
 
 
