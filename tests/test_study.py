@@ -187,6 +187,14 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
     assert len(again) == 4
     assert [r["commit"] for r in again if (r["arm"], r["seed"]) == ("esr16", 0)] == ["abc1234"]  # not today's code
 
+    import shutil
+
+    shutil.rmtree(out / "full" / "seed1")  # a fresh checkout: the runs are gone, runs.json is not
+    assert main(args) == 0  # its record stands for it, with the same settings: nothing is trained
+    assert len(json.loads((report / "runs.json").read_text())) == 4
+    with pytest.raises(AssertionError, match="trained .*full/seed1 again"):  # other settings: it is trained
+        main(args + ["lr=1e-3"])
+
 
 def test_the_diagnostics_summary_reads_the_share_at_K_and_the_kl_beyond_K():
     result = {"decay": {"ks": [0, 8, 16], "teacher_continues_student": [0.9, 0.5, 0.2], "student_continues_teacher": [0, 0.3, 0.8],

@@ -15,10 +15,11 @@ REPORT/runs.json and the report is rewritten, so a study stopped half-way has it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -237,14 +238,26 @@ def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code:
         "after_cut_frac": last_eval.get("eval/cut_frac") if last_eval else None,
         "target_accuracy": target, "seconds_to_target": hit["seconds"] if hit else None,
         "tokens_to_target": hit["generated_tokens"] if hit else None, "steps_to_target": hit["step"] if hit else None,
-        "curve": curve, "commit": code,
+        "curve": curve, "commit": code, "config_key": config_key(cfg),
     }
+
+
+def config_key(cfg) -> str:
+    """A run's settings, hashed (its run directory and progress bars left out): a record in runs.json stands for a
+    run whose directory is gone (another machine, a fresh checkout) only when the settings are the same."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "resume", "progress")}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _records(report_dir: Path) -> list[dict]:
+    path = report_dir / "runs.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def save_record(report_dir: Path, rec: dict) -> list[dict]:
     """Put one run's object into REPORT/runs.json (replacing the same study, arm and seed); return them all."""
     path = report_dir / "runs.json"
-    records = json.loads(path.read_text()) if path.is_file() else []
+    records = _records(report_dir)
     records = [r for r in records if (r["study"], r["arm"], r["seed"]) != (rec["study"], rec["arm"], rec["seed"])] + [rec]
     report_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1))
@@ -295,10 +308,15 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
                         *([f"--seeds {seeds}"] if seeds else []), *(overrides or [])])
     say(f"[study] {st.name}: {st.pair}; {len(st.arms if not arms else runs)} arms x seeds -> {len(runs)} runs in {out_dir}; "
         f"report in {report_dir} (code {code})")
+    kept = {(r["study"], r["arm"], r["seed"]): r for r in _records(report_dir)}
     for index, run in enumerate(runs, start=1):
         cfg = load_config(str(out_dir / "config.yaml"), run.values)
         teacher, student = before(cfg, out_dir, "teacher", say), before(cfg, out_dir, "student", say)
         done = (run.run_dir / "summary.json").is_file()
+        earlier = kept.get((st.name, run.arm, run.seed))
+        if not done and not run.run_dir.exists() and earlier and earlier.get("config_key") == config_key(cfg):
+            say(f"[study] {run.arm} seed {run.seed}: kept from {report_dir / 'runs.json'} (its run directory is not here)")
+            continue
         if not done:
             resume = (run.run_dir / "checkpoints").is_dir() and any((run.run_dir / "checkpoints").iterdir())
             say(f"[study] {index}/{len(runs)} {run.arm} seed {run.seed}" + (" (resuming)" if resume else "") + " ...")
@@ -325,7 +343,7 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
     diagnostics = _diagnose(st, runs, out_dir, values, say)
     if diagnostics is not None:
         studyreport.keep_diagnostics(report_dir, st.name, diagnostics)
-    records = json.loads((report_dir / "runs.json").read_text())
+    records = _records(report_dir)
     path = studyreport.write(report_dir, records)
     say(f"[study] wrote {path} and {report_dir / 'runs.json'}")
     return [r for r in records if r["study"] == st.name]
