@@ -181,11 +181,13 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
         raise AssertionError(f"trained {cfg.run_dir} again")
 
     monkeypatch.setattr(esrdistill.train, "train", no_training)
-    (out / "esr16" / "seed0" / "study.json").write_text(json.dumps({"commits": ["abc1234"], "commands": ["earlier"]}))
+    (out / "esr16" / "seed0" / "study.json").write_text(json.dumps({"commits": ["abc1234"], "commands": ["earlier"],
+                                                                    "note": "timed beside another job"}))
     assert main(args) == 0  # everything is done: nothing is trained, the report is rewritten
     again = json.loads((report / "runs.json").read_text())
     assert len(again) == 4
     assert [r["commit"] for r in again if (r["arm"], r["seed"]) == ("esr16", 0)] == ["abc1234"]  # not today's code
+    assert "- esr16 seed 0: timed beside another job" in (report / "report.md").read_text()
 
     import shutil
 

@@ -334,7 +334,8 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
             except TrainingInterrupted as stop:  # the same command continues it; finished runs are kept
                 raise TrainingInterrupted(stop.step, stop.checkpoint, f"`{command}`") from None
         made = _provenance(run.run_dir, code, command)
-        rec = {**record(st, run, cfg, teacher, student, "+".join(made["commits"])), "command": " then ".join(made["commands"])}
+        rec = {**record(st, run, cfg, teacher, student, "+".join(made["commits"])), "command": " then ".join(made["commands"]),
+               **({"note": made["note"]} if made.get("note") else {})}  # a person's word on the run, in RUN/study.json
         say(f"[study] {run.arm} seed {run.seed}: {rec['student_before']:.1%} -> "
             + (f"{rec['student_after']:.1%}" if rec["student_after"] is not None else "no evaluation")
             + f" (teacher {rec['teacher_accuracy']:.1%}), {rec['seconds']:.0f} s of training")

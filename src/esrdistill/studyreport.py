@@ -235,7 +235,8 @@ def write(report_dir: Path, records: list[dict]) -> Path:
         lines += [f"{len(group)} runs: {sum(r['seconds'] for r in group) / 60:.0f} min of training, "
                   f"{sum(r['seconds_with_eval'] for r in group) / 60:.0f} min with the evaluations during training "
                   "(on the machine that ran them; the before-training evaluations and the diagnostics come on top).", ""]
-        lines += [f"![{pair}]({image.name})", "", "Every run:", "", *run_table(group), "",
+        notes = [f"- {r['arm']} seed {r['seed']}: {r['note']}" for r in group if r.get("note")]
+        lines += [f"![{pair}]({image.name})", "", "Every run:", "", *run_table(group), "", *notes, *([""] if notes else []),
                   *_diagnostics_lines(report_dir, name), ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))
