@@ -162,7 +162,8 @@ def keep_diagnostics(report_dir: Path, name: str, source: Path) -> Path:
 def _diagnostics_lines(report_dir: Path, name: str) -> list[str]:
     path = report_dir / f"diagnose-{slug(name)}" / "diagnostics.json"
     if not path.is_file():
-        return ["Diagnostics: not run yet (they follow the first finished run of the study's `diagnose.after` arm)."]
+        return ["Diagnostics: not run yet (`esrdistill study NAME` runs them at its end, once the study's `diagnose.after` "
+                "arm has a finished run)."]
     result = json.loads(path.read_text())
     d = diagnostics_summary(result, result["options"].get("k"))
     lines = [f"Diagnostics on {d['n']} held-out problems (`esrdistill diagnose`, [its report](diagnose-{slug(name)}/report.md)):", "",
