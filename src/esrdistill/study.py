@@ -306,7 +306,8 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
     command = " ".join(["esrdistill study", spec, *(["--quick"] if quick else []), *([f"--out {out}"] if out else []),
                         *([f"--report {report}"] if report else []), *([f"--arms {arms}"] if arms else []),
                         *([f"--seeds {seeds}"] if seeds else []), *(overrides or [])])
-    say(f"[study] {st.name}: {st.pair}; {len(st.arms if not arms else runs)} arms x seeds -> {len(runs)} runs in {out_dir}; "
+    say(f"[study] {st.name}: {st.pair}; {len(runs)} runs ({len(dict.fromkeys(r.arm for r in runs))} arms x "
+        f"{len(dict.fromkeys(r.seed for r in runs))} seeds) in {out_dir}; "
         f"report in {report_dir} (code {code})")
     kept = {(r["study"], r["arm"], r["seed"]): r for r in _records(report_dir)}
     for index, run in enumerate(runs, start=1):
