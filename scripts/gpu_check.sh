@@ -3,12 +3,12 @@
 #   1. installs the carried wheels (.whl/) into /tmp/site and imports the project from src/ (no pip install -e);
 #   2. runs tests/test_cuda.py: losses on CUDA equal the CPU's in fp32 and bf16, a bf16 training step with
 #      LoRA and with full fine-tuning, generation with the hf engine on CUDA. It passes only when CUDA is there
-#      and every CUDA test ran and passed (esrdistill.gpu_check.cuda_tests_verdict reads pytest's junit xml);
+#      and every CUDA test ran and passed (esrdistill.commands.gpu_check.cuda_tests_verdict reads pytest's junit xml);
 #      without CUDA the check stops there, failed (the dry run records it "skipped: dry run, no GPU" and goes on);
 #   3. benchmarks ESR (K=100) against a full rollout (1,024 tokens) with esrdistill's own training loop on
 #      randomly initialised models (Qwen2-style 1.46B student, Qwen3-style 1.61B teacher, SmolLM2's
 #      vocabulary), bf16, LoRA r=32, batch 16, every rollout forced to its full length, hf engine:
-#      `python -m esrdistill.gpu_check`, which writes bench.md, bench.json and setup.json under $OUT/bench;
+#      `python -m esrdistill.commands.gpu_check`, which writes bench.md, bench.json and setup.json under $OUT/bench;
 #   4. with the time that is left, the CPU test files of the same code (losses, objective, rollout, train,
 #      selection, cross-tokenizer, models, diagnostics), under the machine's own torch and transformers.
 # Every part writes under $OUT; summary.txt has one line per part (ok, FAILED, or in the dry run skipped, with
@@ -142,14 +142,14 @@ cuda_tests() {  # the verdict from pytest's report: on the GPU, no CUDA or any C
     timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
     rc=$?
     # shellcheck disable=SC2086
-    "$PY" -m esrdistill.gpu_check cuda-verdict $DRY --junit "$OUT/test_cuda.xml" --pytest-status $rc | tee "$OUT/test_cuda.why"
+    "$PY" -m esrdistill.commands.gpu_check cuda-verdict $DRY --junit "$OUT/test_cuda.xml" --pytest-status $rc | tee "$OUT/test_cuda.why"
 }
 
 benchmark() {
     local limit=$((DEADLINE - SECONDS - 60))  # leave a minute for the CPU test files
     [ -n "$DRY" ] && limit=$((DEADLINE - SECONDS))
     # shellcheck disable=SC2086
-    timeout -k 10 $((limit + 20)) "$PY" -m esrdistill.gpu_check $DRY --out "$OUT/bench" --time-limit "$limit"
+    timeout -k 10 $((limit + 20)) "$PY" -m esrdistill.commands.gpu_check $DRY --out "$OUT/bench" --time-limit "$limit"
 }
 
 cpu_tests() {  # the CPU test files of the same code, under this machine's torch and transformers (a few seconds each)

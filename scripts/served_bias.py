@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import make_model, make_tokenizer  # noqa: E402
-
-from esrdistill import engine_hf, losses  # noqa: E402
+from esrdistill import losses
+from esrdistill.engines import hf as engine_hf  # noqa: E402
 from esrdistill.rollout import Sampling, response_logits  # noqa: E402
+from helpers import make_model, make_tokenizer  # noqa: E402
 
 LOSSES = ("reverse_kl", "forward_kl")
 TOLERANCE = 1e-5  # at K = V the tail loss must equal the full one within this (relative)

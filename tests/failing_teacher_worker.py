@@ -5,10 +5,11 @@ teacher's 4xx on that process's rows would."""
 import os
 import sys
 
-from esrdistill import cli, teacher
-from esrdistill.served_teacher import ServedTeacherError
+from esrdistill import cli
+from esrdistill.teachers import same
+from esrdistill.teachers.served import ServedTeacherError
 
-real, calls = teacher.SameTokenizer.score, []
+real, calls = same.SameTokenizer.score, []
 
 
 def score(self, *args, **kwargs):
@@ -18,5 +19,5 @@ def score(self, *args, **kwargs):
     return real(self, *args, **kwargs)
 
 
-teacher.SameTokenizer.score = score
+same.SameTokenizer.score = score
 sys.exit(cli.main(sys.argv[1:]))

@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_model
 from transformers import AutoModelForCausalLM
 
-from helpers import make_model, make_tokenizer
 from esrdistill import checkpoint, models, sharding
-from esrdistill.engine_vllm import student_weights
+from esrdistill.engines.gathering import GatheringEngine
+from esrdistill.engines.vllm import student_weights
+from helpers import make_model, make_tokenizer
 
 
 class RecordingEngine:
@@ -41,7 +42,7 @@ if kind == "lora":
             torch.nn.init.normal_(param, 0, 0.1)
 student = sharding.shard(copy.deepcopy(reference), torch.device("cpu"), accelerator.num_processes)
 
-engine = sharding.GatheringEngine(RecordingEngine(), student)
+engine = GatheringEngine(RecordingEngine(), student)
 engine.sync(student)
 expected_push = dict(student_weights(reference))
 assert sorted(engine.engine.pushed) == sorted(expected_push)

@@ -112,7 +112,9 @@ def record_teachers(monkeypatch, paths: dict[str, str]) -> list[tuple]:
     building a prefix cache, are not counted); device: where its parameters are."""
     from pathlib import Path
 
-    from esrdistill import engine_hf, teacher, tracking
+    from esrdistill import tracking
+    from esrdistill.engines import hf as engine_hf
+    from esrdistill.teachers import same
 
     names = {str(Path(path).resolve()): name for name, path in paths.items()}
     seen, moves, events, started = {}, {name: 0 for name in paths}, [], []
@@ -123,7 +125,7 @@ def record_teachers(monkeypatch, paths: dict[str, str]) -> list[tuple]:
     def where():
         return {name: (moves[name], str(next(model.parameters()).device)) for name, model in seen.items()}
 
-    original_to, original_score = torch.nn.Module.to, teacher.SameTokenizer.score
+    original_to, original_score = torch.nn.Module.to, same.SameTokenizer.score
     original_sample, original_log = engine_hf.HFEngine.sample, tracking.MetricsLogger.log
 
     def to(self, *args, **kwargs):
@@ -147,7 +149,7 @@ def record_teachers(monkeypatch, paths: dict[str, str]) -> list[tuple]:
         return original_log(self, step, metrics)
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    monkeypatch.setattr(teacher.SameTokenizer, "score", score)
+    monkeypatch.setattr(same.SameTokenizer, "score", score)
     monkeypatch.setattr(engine_hf.HFEngine, "sample", sample)
     monkeypatch.setattr(tracking.MetricsLogger, "log", log)
     return events

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from esrdistill import bench, build, order, packaged
+from esrdistill import build, order, packaged
+from esrdistill.commands import bench
 from esrdistill.config import load_config
 
 N_PROMPTS = 64

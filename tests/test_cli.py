@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from esrdistill import cli
+from esrdistill.commands import bench
 from helpers import tiny_overrides
-from esrdistill import bench, cli
 
 
 def test_eval_command_reports_accuracy_and_writes_json(tiny_dirs, tmp_path, capsys):

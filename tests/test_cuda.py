@@ -10,9 +10,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from esrdistill import losses, objective, rollout
+from esrdistill.engines import hf as engine_hf
+from esrdistill.teachers.protocol import LossSettings
+from esrdistill.teachers.same import SameTokenizer
 from helpers import make_model, make_tokenizer
-from esrdistill import engine_hf, losses, objective, rollout
-from esrdistill.teacher import LossSettings, SameTokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -145,11 +147,12 @@ def test_offloaded_teachers_are_on_the_gpu_only_while_they_score(tiny_dirs, tmp_
     """Two local teachers, teacher_offload=true, in fp32 on CUDA: each one's weights are on the GPU at each of its
     scorings and on the CPU at each rollout and after each step (resident, on the GPU throughout); the losses are
     those of the resident run (rel 1e-5). tests/test_teachers.py counts the moves on the CPU."""
-    from helpers import record_teachers, save_pair, tiny_overrides
+    from test_teachers import _routed_data
+
     from esrdistill.config import make_config
     from esrdistill.tracking import read_metrics
     from esrdistill.train import train
-    from test_teachers import _routed_data
+    from helpers import record_teachers, save_pair, tiny_overrides
 
     student, teacher = tiny_dirs
     other = save_pair(tmp_path / "other", seed=5)

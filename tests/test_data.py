@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from helpers import make_tokenizer
 from esrdistill import prompts
 from esrdistill.data import DataError, Problem, load_task
+from helpers import make_tokenizer
 
 
 def test_reasoning_gym_split_is_disjoint_and_stable():

@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from helpers import make_model, make_tokenizer, tiny_overrides
-from esrdistill import diagnostics, engine_hf, rollout
+from esrdistill import diagnostics, rollout
+from esrdistill.commands.diagnose import DiagnoseOptions, diagnose
 from esrdistill.config import make_config
-from esrdistill.diagnose import DiagnoseOptions, diagnose, prefix_continuation, profile
 from esrdistill.data import Problem
+from esrdistill.engines import hf as engine_hf
+from esrdistill.measure import prefix_continuation, profile
+from helpers import make_model, make_tokenizer, tiny_overrides
 
 
 def random_logp(seed, B=3, T=6, V=9):
@@ -113,7 +115,7 @@ def test_teacher_that_ignores_its_context_gives_a_flat_decay_curve(monkeypatch):
     def fake_generate_all(model, prompts, *args, **kwargs):
         return [list(answer) for _ in prompts]  # ignores the prompt and the prefix
 
-    import esrdistill.diagnose as diag
+    import esrdistill.measure as diag
     from esrdistill.grading import Grader
 
     monkeypatch.setattr(diag, "generate_all", fake_generate_all)
@@ -137,7 +139,8 @@ def test_profile_of_identical_models_is_zero_kl_and_agreement_one_at_every_posit
     prompts = [[3, 40, 41], [3, 50, 51, 52], [3, 60]]
     responses = engine_hf.sample(model, prompts, rollout.Sampling(10, 1.0, 1.0, (tok.eos_token_id,), tok.pad_token_id))
     lists = [responses.responses[r, : int(responses.mask[r].sum())].tolist() for r in range(3)]
-    from esrdistill.teacher import LossSettings, SameTokenizer
+    from esrdistill.teachers.protocol import LossSettings
+    from esrdistill.teachers.same import SameTokenizer
 
     scorer = SameTokenizer(model, tok.pad_token_id, len(tok), 2, LossSettings())
     stats, mask, _, _ = profile(model, scorer, prompts, prompts, lists, tok.pad_token_id, [tok.eos_token_id], len(tok), 2, False, "p")
@@ -178,6 +181,6 @@ def test_bad_options_are_config_errors():
 
 
 def test_json_safe_replaces_nan():
-    from esrdistill.diagnose import _json_safe
+    from esrdistill.commands.diagnose import _json_safe
 
     assert _json_safe({"a": [1.0, float("nan")], "b": (float("inf"), "x")}) == {"a": [1.0, None], "b": [None, "x"]}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from esrdistill.commands.quickstart import DEFAULT_CONFIG
 from esrdistill.config import FIELDS, load_config
-from esrdistill.quickstart import DEFAULT_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

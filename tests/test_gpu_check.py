@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from esrdistill.commands.gpu_check import DRY, GPU, CudaVerdict, arm_values, arms, cuda_tests_verdict
 from esrdistill.config import load_config
-from esrdistill.gpu_check import DRY, GPU, CudaVerdict, arm_values, arms, cuda_tests_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_the_gpu_models_have_about_1_5b_and_1_6b_parameters():
 
 def test_the_full_arm_is_cut_to_the_steps_that_fit_but_keeps_a_measured_step():
     """From the ESR arm (3 s steps, 40 s in all): a full step takes about 3 * 1024/100 * 1.15 = 35 s after 31 s of start-up."""
-    from esrdistill.gpu_check import steps_that_fit
+    from esrdistill.commands.gpu_check import steps_that_fit
 
     esr = {"step_s": 3.0}
     assert steps_that_fit(esr, 40.0, GPU, seconds_left=200) == 3  # 4 would fit: capped at the steps asked for

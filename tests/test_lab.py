@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from esrdistill import lab
-from esrdistill.lab_repro import QUICK, arms, claims, compare
+from esrdistill.commands import lab
+from esrdistill.commands.lab_repro import QUICK, arms, claims, compare
 
 
 def test_solve_writes_each_step_of_the_recurrence_modulo_10():

@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import make_model, make_tokenizer
 from esrdistill import models, packaged
+from helpers import make_model, make_tokenizer
 
 
 def test_different_tokenizers_are_refused_with_a_clear_message():
@@ -13,10 +13,13 @@ def test_different_tokenizers_are_refused_with_a_clear_message():
     reordered.add_tokens(["<extra>"])
     with pytest.raises(models.ModelError, match="tokenizers differ .* and cross_tokenizer=off: set cross_tokenizer=auto"):
         models.shared_vocab(reordered, student)  # the student has a token the teacher lacks
-    from helpers import SPECIALS
     import string
-    from tokenizers import Regex, Tokenizer, models as tk_models, pre_tokenizers
+
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
+
+    from helpers import SPECIALS
 
     swapped = SPECIALS[:2] + [SPECIALS[3], SPECIALS[2]] + SPECIALS[4:] + list(dict.fromkeys(list(string.printable[:95]) + ["\n"]))
     core = Tokenizer(tk_models.WordLevel(vocab={t: i for i, t in enumerate(swapped)}, unk_token="<unk>"))
@@ -141,7 +144,7 @@ def test_a_hub_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
 def test_the_cpu_attention_check_names_the_head_size_and_the_engine_that_works():
     """engine_vllm.cpu_attention_problem: head_dim from config.json (its own key, else hidden / heads); None when
     the size is supported."""
-    from esrdistill.engine_vllm import cpu_attention_problem, head_dim
+    from esrdistill.engines.vllm import cpu_attention_problem, head_dim
 
     sizes = [32, 64, 128]
     assert head_dim({"hidden_size": 32, "num_attention_heads": 2}) == 16

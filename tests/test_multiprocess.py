@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_overrides
 from esrdistill import tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
+from helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow  # several processes
 

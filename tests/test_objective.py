@@ -3,14 +3,15 @@ a cross-tokenizer teacher; and a training run with loss_chunk gives the same los
 
 import dataclasses
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
-from contextlib import nullcontext
 
-from helpers import make_model, make_tokenizer, tiny_overrides
 from esrdistill import objective, rollout, tracking
-from esrdistill.teacher import LossSettings, SameTokenizer
+from esrdistill.teachers.protocol import LossSettings
+from esrdistill.teachers.same import SameTokenizer
+from helpers import make_model, make_tokenizer, tiny_overrides
 
 EOS, PAD = 4, 0
 
@@ -59,7 +60,7 @@ def test_chunked_loss_equals_the_whole_loss(loss, norm):
 def test_chunked_loss_equals_the_whole_loss_across_tokenizers(xtok_loss):
     from xtok_tokenizers import byte_level_tokenizer, sentencepiece_tokenizer
 
-    from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
+    from esrdistill.teachers.cross import CrossTokenizer, XtokSettings
 
     s_tok, t_tok = byte_level_tokenizer(), sentencepiece_tokenizer()
     student, teacher = make_model(len(s_tok), 1), make_model(len(t_tok), 2)
@@ -110,7 +111,7 @@ def test_a_model_whose_logits_cannot_be_rebuilt_is_refused():
 
 
 def test_divergence_metrics_equal_a_position_by_position_reference():
-    from esrdistill.teacher import divergence_metrics
+    from esrdistill.teachers.same import divergence_metrics
 
     torch.manual_seed(0)
     student = torch.log_softmax(torch.randn(3, 5, 7) * 3, -1)

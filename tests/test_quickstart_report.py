@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from esrdistill import quickstart
+from esrdistill.commands import quickstart
 from esrdistill.evaluate import ProblemResult, summarise
 
 
@@ -22,7 +22,7 @@ def test_a_task_that_was_not_taught_is_named_even_when_the_whole_set_was(tmp_pat
         return _result([i < 4 * accuracy[stage, teacher] for i in range(4)])
 
     monkeypatch.setattr(quickstart, "run_eval", run_eval)
-    monkeypatch.setattr(quickstart, "is_packaged", lambda spec: False)
+    monkeypatch.setattr(quickstart.build, "prepare_models", lambda cfg: None)
     def train(cfg):  # one logged step, as a run leaves it
         Path(cfg.run_dir).mkdir(parents=True)
         row = {"step": 1, "loss": 0.5, "rollout/tokens": 8, "time/rollout_s": 1.0, "time/step_s": 2.0}

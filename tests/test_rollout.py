@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from esrdistill import losses, rollout
+from esrdistill.engines import hf as engine_hf
+from esrdistill.teachers import same
 from helpers import make_model, make_tokenizer
-from esrdistill import engine_hf, rollout, teacher
 
 EOS = 4
 PAD = 0
@@ -183,14 +185,14 @@ def test_teacher_scores_only_response_positions_in_micro_batches():
     prompts = [[3, 40, 41, 42, 43, 44], [3, 50], [3, 60, 61]]
     responses = torch.tensor([[70, 71, 72, 73], [74, EOS, PAD, PAD], [75, 76, 77, EOS]])
     mask = rollout.response_mask(responses, [EOS])
-    whole = teacher.score(model, prompts, responses, mask, PAD, vocab_size=model.config.vocab_size, micro_batch=3)
+    whole = same.score(model, prompts, responses, mask, PAD, vocab_size=model.config.vocab_size, micro_batch=3)
     assert whole.shape == (3, 4, model.config.vocab_size)  # response positions only
     assert torch.allclose(whole.exp().sum(-1), torch.ones(3, 4), atol=1e-5)
     for micro in (1, 2):
-        part = teacher.score(model, prompts, responses, mask, PAD, vocab_size=model.config.vocab_size, micro_batch=micro)
+        part = same.score(model, prompts, responses, mask, PAD, vocab_size=model.config.vocab_size, micro_batch=micro)
         assert torch.allclose(part * mask[..., None], whole * mask[..., None], atol=1e-5)
     # row 1 scored alone, without any padding, gives the same numbers
-    alone = teacher.score(model, prompts[1:2], responses[1:2, :2], mask[1:2, :2], PAD, model.config.vocab_size, 1)
+    alone = same.score(model, prompts[1:2], responses[1:2, :2], mask[1:2, :2], PAD, model.config.vocab_size, 1)
     assert torch.allclose(alone[0], whole[1, :2], atol=1e-5)
 
 
@@ -199,7 +201,7 @@ def test_log_probs_cut_padding_rows_before_normalising():
 
     logits = torch.randn(2, 3, 10, dtype=torch.float64)
     logits[..., 8:] = 50.0  # padding rows with large junk logits
-    out = teacher.log_probs(logits, vocab_size=8)
+    out = losses.log_probs(logits, vocab_size=8)
     assert out.shape == (2, 3, 8)
     for b in range(2):
         for t in range(3):
@@ -272,7 +274,7 @@ def test_teacher_log_probs_are_the_same_with_the_cached_shared_prefix():
     assert prefix.length > 40 and prefix.covers(ids)
     responses = torch.tensor([[70, 71, 72, 73], [74, EOS, PAD, PAD], [75, 76, 77, EOS]])
     mask = rollout.response_mask(responses, [EOS])
-    plain = teacher.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2)
-    cached = teacher.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2, prefix=prefix)
+    plain = same.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2)
+    cached = same.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2, prefix=prefix)
     assert torch.allclose(plain * mask[..., None], cached * mask[..., None], atol=1e-5)
     assert not rollout.PrefixCache(model, ids, min_tokens=1000).covers(ids)  # too short a prefix: not cached

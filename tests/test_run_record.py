@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_overrides
 from esrdistill import checkpoint, cli, tracking
 from esrdistill.config import make_config
 from esrdistill.errors import UserError
 from esrdistill.train import train
+from helpers import tiny_overrides
 
 MISSING = ("vllm", "torch.utils.tensorboard", "wandb")
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from esrdistill import cli, runreport
+from esrdistill import cli
+from esrdistill.commands import runreport
 
 
 def _write_run(path, rows):

@@ -1,5 +1,5 @@
-"""Every engine and every teacher implements its seam, stated once as a Protocol (rollout.Engine,
-teacher.Teacher): each method the loop calls exists under the Protocol's name, with the Protocol's
+"""Every engine and every teacher implements its seam, stated once as a Protocol (Engine,
+protocol.Teacher): each method the loop calls exists under the Protocol's name, with the Protocol's
 parameters in the same order and the same defaults. Renaming a method or a parameter fails here.
 
 The two wrappers the loop itself receives, a Routed teacher of several teachers and the engine that gathers an
@@ -13,18 +13,23 @@ import typing
 import pytest
 import torch
 
+from esrdistill import rollout, sharding
+from esrdistill.engines.gathering import GatheringEngine, gathering
+from esrdistill.engines.hf import HFEngine
+from esrdistill.engines.protocol import Engine
+from esrdistill.engines.vllm import VLLMEngine  # importable without vLLM: it is imported when an engine starts
+from esrdistill.losses import log_probs
+from esrdistill.teachers import protocol
+from esrdistill.teachers.cross import CrossTokenizer
+from esrdistill.teachers.protocol import Comparison, LossSettings, Plan, Scores
+from esrdistill.teachers.routed import Routed, TeacherPrompt
+from esrdistill.teachers.same import SameTokenizer
+from esrdistill.teachers.served import ServedTeacher
 from helpers import make_model, make_tokenizer
-from esrdistill import rollout, sharding, teacher
-from esrdistill.engine_hf import HFEngine
-from esrdistill.engine_vllm import VLLMEngine  # importable without vLLM: it is imported when an engine starts
-from esrdistill.teacher import Comparison, LossSettings, Plan, SameTokenizer, Scores, log_probs
-from esrdistill.teachers import Routed, TeacherPrompt
-from esrdistill.cross_teacher import CrossTokenizer
-from esrdistill.served_teacher import ServedTeacher
 
-IMPLEMENTATIONS = [(rollout.Engine, HFEngine), (rollout.Engine, VLLMEngine), (rollout.Engine, sharding.GatheringEngine),
-                   (teacher.Teacher, SameTokenizer), (teacher.Teacher, CrossTokenizer), (teacher.Teacher, ServedTeacher),
-                   (teacher.Teacher, Routed)]
+IMPLEMENTATIONS = [(Engine, HFEngine), (Engine, VLLMEngine), (Engine, GatheringEngine),
+                   (protocol.Teacher, SameTokenizer), (protocol.Teacher, CrossTokenizer), (protocol.Teacher, ServedTeacher),
+                   (protocol.Teacher, Routed)]
 
 
 def _methods(protocol) -> list[str]:
@@ -49,14 +54,14 @@ def test_the_engines_name_their_kind():
 def test_built_engines_and_teachers_are_instances_of_their_protocol(byte_level, sentencepiece):
     tok = make_tokenizer()
     model = make_model(len(tok), 1)
-    assert isinstance(HFEngine(model), rollout.Engine)
+    assert isinstance(HFEngine(model), Engine)
     same = SameTokenizer(model, tok.pad_token_id, len(tok), 2, LossSettings())
     cross = CrossTokenizer(make_model(len(sentencepiece), 2), byte_level, sentencepiece, [byte_level.eos_token_id],
                            [sentencepiece.eos_token_id], 2, LossSettings())
     for scorer, kind in ((same, "same"), (cross, "cross")):
-        assert isinstance(scorer, teacher.Teacher) and scorer.kind == kind
+        assert isinstance(scorer, protocol.Teacher) and scorer.kind == kind
         assert all(isinstance(v, float) for v in scorer.constant_metrics.values())
-    assert not isinstance(same, rollout.Engine) and not isinstance(HFEngine(model), teacher.Teacher)
+    assert not isinstance(same, Engine) and not isinstance(HFEngine(model), protocol.Teacher)
 
     class NoSync:  # an engine that forgot `sync` is not one
         name = "none"
@@ -64,7 +69,7 @@ def test_built_engines_and_teachers_are_instances_of_their_protocol(byte_level, 
         def sample(self, prompts, sampling, seeds=None):
             return rollout.Rollouts(prompts, torch.zeros(len(prompts), 0, dtype=torch.long), torch.zeros(len(prompts), 0))
 
-    assert not isinstance(NoSync(), rollout.Engine)
+    assert not isinstance(NoSync(), Engine)
 
 
 # ---- the wrappers the loop receives, by behaviour ------------------------------------------------------------
@@ -112,9 +117,9 @@ def test_the_gathering_engine_over_an_fsdp2_student_is_an_engine_that_samples_as
     student = sharding.shard(copy.deepcopy(reference), torch.device("cpu"), 1)
     wrapped, synced = HFEngine(student), []
     wrapped.sync = synced.append
-    built = sharding.gathering(wrapped, student)
-    assert isinstance(built, sharding.GatheringEngine) and isinstance(built, rollout.Engine)
-    _has_the_protocols_attributes(rollout.Engine, built)
+    built = gathering(wrapped, student)
+    assert isinstance(built, GatheringEngine) and isinstance(built, Engine)
+    _has_the_protocols_attributes(Engine, built)
     assert built.name == wrapped.name
 
     engine = _Calls(built)
@@ -130,7 +135,7 @@ def test_the_gathering_engine_over_an_fsdp2_student_is_an_engine_that_samples_as
     assert all(isinstance(p, DTensor) for p in student.parameters())  # sharded again after sampling
 
     assert engine.sync(student) is None and synced == [student]
-    assert engine.called == set(_methods(rollout.Engine))
+    assert engine.called == set(_methods(Engine))
 
 
 def test_a_routed_teacher_of_several_is_a_teacher_that_gives_each_row_its_own_teachers_results():
@@ -142,8 +147,8 @@ def test_a_routed_teacher_of_several_is_a_teacher_that_gives_each_row_its_own_te
     subs = {name: SameTokenizer(make_model(vocab, seed), tok.pad_token_id, vocab, 2, LossSettings())
             for name, seed in (("a", 2), ("b", 5))}
     built = Routed(subs)
-    assert isinstance(built, teacher.Teacher)
-    _has_the_protocols_attributes(teacher.Teacher, built)
+    assert isinstance(built, protocol.Teacher)
+    _has_the_protocols_attributes(protocol.Teacher, built)
 
     g = torch.Generator().manual_seed(0)
     route = ["a", "b", "b", "a"]
@@ -165,7 +170,7 @@ def test_a_routed_teacher_of_several_is_a_teacher_that_gives_each_row_its_own_te
     assert comparison.metrics and all(v.shape == (4, width) for v in comparison.metrics.values())
     comparison.per_token.sum().backward()
     assert (student_logp.grad.abs().sum((1, 2)) > 0).all()  # every row's loss reaches the student
-    assert routed.called == set(_methods(teacher.Teacher))
+    assert routed.called == set(_methods(protocol.Teacher))
 
     for name, sub in subs.items():  # each teacher alone on its rows
         mine = [i for i, r in enumerate(rows) if route[r] == name]

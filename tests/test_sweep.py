@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from helpers import tiny_overrides
-from esrdistill import cli, sweep
+from esrdistill import cli
+from esrdistill.commands import sweep
 from esrdistill.config import ConfigError
+from helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow  # sweeps of training runs
 

@@ -7,14 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_model, make_tokenizer, record_teachers, save_pair, tiny_overrides
-from esrdistill import build, order, teachers, tracking
+from esrdistill import build, order, routing, tracking
 from esrdistill.config import TEACHER_KEYS, ConfigError, make_config
-from esrdistill.cross_teacher import CrossTokenizer
 from esrdistill.data import DataError, Problem
-from esrdistill.teacher import LossSettings, SameTokenizer, log_probs
-from esrdistill.teachers import Routed, TeacherPrompt
-
+from esrdistill.losses import log_probs
+from esrdistill.teachers.cross import CrossTokenizer
+from esrdistill.teachers.protocol import LossSettings
+from esrdistill.teachers.routed import Routed, TeacherPrompt
+from esrdistill.teachers.same import SameTokenizer
+from helpers import make_model, make_tokenizer, record_teachers, save_pair, tiny_overrides
 
 # ---- the Routed teacher on its own ------------------------------------------------------------------
 
@@ -77,45 +78,52 @@ def test_each_row_gets_its_own_teachers_scores_loss_and_metrics(three_teachers, 
     # the gradient reaches the student's log-probs of every row
     per_token.sum().backward()
     assert (student.grad.abs().sum((1, 2)) > 0).all()
-    # the keys each kind reports are the ones teachers.METRICS lists
+    # the keys each kind reports are the ones its metric_keys list
     kinds = {subs[n].kind for n in names}
     if kinds == {"same"}:
-        assert {k for k in comparison.metrics if ":" not in k} == set(teachers.METRICS["same"])
+        assert {k for k in comparison.metrics if ":" not in k} == set(subs[names[0]].metric_keys)
     else:
         assert "xtok/student_mapped_mass:num" in comparison.metrics and "kl/sampled:den" in comparison.metrics
         assert "xtok/aligned_frac" in plan.ratios and "xtok/aligned_frac/c" in plan.ratios
 
 
-def test_the_metrics_each_kind_of_teacher_reports_are_listed(three_teachers):
+def test_each_teacher_reports_the_metrics_and_ratios_it_declares(three_teachers):
     every, tok = three_teachers
     prompts, responses, mask = _batch(tok)
-    for teacher in every.values():
-        plan = teacher.plan(prompts, responses, mask)
-        scores = teacher.score(plan, [0, 1], 5)
-        keys = set(teacher.compare(_student_logp(len(tok), 2, 5), scores, responses[:2, :5]).metrics)
-        assert keys == set(teachers.METRICS[teacher.kind])
-        assert set(plan.ratios) == set(teachers.PLAN_RATIOS[teacher.kind])
+    for teacher in [*every.values(), Routed(dict(every))]:
+        routed = isinstance(teacher, Routed)
+        names = list(every)
+        plan = teacher.plan([TeacherPrompt(p, names[b % len(names)]) for b, p in enumerate(prompts)] if routed else prompts,
+                            responses, mask)
+        scores = teacher.score(plan, [0, 1, 2], 5)
+        keys = set(teacher.compare(_student_logp(len(tok), 3, 5), scores, responses[:3, :5]).metrics)
+        if routed:  # each key its teachers declare, over the positions of those that report it
+            assert {k.split(":")[0] for k in keys} >= set(teacher.metric_keys)
+        else:
+            assert keys == set(teacher.metric_keys)
+        assert set(plan.ratios) == set(teacher.ratio_keys)
+        assert teacher.topk_keys == ()
 
 
 def test_a_row_naming_an_unknown_teacher_is_a_clear_error():
     cfg = make_config({"teachers": {"math": "m1", "logic": "m2"}, "teacher_field": "source"})
     problems = [Problem("q", "1", {"source": "math"}), Problem("q", "1", {}), Problem("q", "1", {"metadata": {"source": "logic"}})]
-    assert teachers.route(cfg, problems) == ["math", "math", "logic"]  # no value: default_teacher (the first)
+    assert routing.route(cfg, problems) == ["math", "math", "logic"]  # no value: default_teacher (the first)
     with pytest.raises(DataError, match="names no teacher: the teachers are math, logic"):
-        teachers.route(cfg, problems + [Problem("q", "1", {"source": "poetry"})])
+        routing.route(cfg, problems + [Problem("q", "1", {"source": "poetry"})])
     with pytest.raises(DataError, match="teacher_field 'source' is in no row"):
-        teachers.route(cfg, [Problem("q", "1", {"question": "q"})])
+        routing.route(cfg, [Problem("q", "1", {"question": "q"})])
 
 
 def test_teachers_config_keys():
     cfg = make_config({"teachers": "{math: m1, logic: {model: m2, system_prompt: Think., fewshot: 2}}",
                        "default_teacher": "logic", "teacher_field": "source"})  # the command line's inline YAML
     assert cfg.teacher == "m2"  # the default teacher's model: what evaluation and diagnostics read
-    views = teachers.views(cfg)
+    views = routing.views(cfg)
     assert views["logic"].teacher_system_prompt == "Think." and views["logic"].teacher_fewshot == 2
     assert views["math"].teacher == "m1" and views["math"].teacher_fewshot == 0
-    assert teachers.fewshot_counts(cfg) == {"math": 0, "logic": 2}  # routed: each teacher's examples are its own rows
-    assert teachers.fewshot_counts(make_config({"teachers": cfg.teachers})) == 2  # not routed: the most any one sees
+    assert routing.fewshot_counts(cfg) == {"math": 0, "logic": 2}  # routed: each teacher's examples are its own rows
+    assert routing.fewshot_counts(make_config({"teachers": cfg.teachers})) == 2  # not routed: the most any one sees
     assert make_config({**cfg.__dict__}).teacher == "m2"  # a saved config loads again
     for bad, message in [({"teacher": "other"}, "give one"), ({"default_teacher": "x"}, "not one of teachers"),
                          ({"teachers": {"a": "m", "b": "http://localhost:8000"}, "loss_chunk": 8}, "served teacher \\(b\\)"),
@@ -124,7 +132,7 @@ def test_teachers_config_keys():
                          ({"teacher_offload": True, "loss_chunk": 8}, "teacher_offload with loss_chunk")]:
         with pytest.raises(ConfigError, match=message):
             make_config({"teachers": {"math": "m1", "logic": "m2"}, **bad})
-    assert set(teachers.VIEW_KEYS) == set(TEACHER_KEYS)
+    assert set(routing.VIEW_KEYS) == set(TEACHER_KEYS)
     with pytest.raises(ConfigError, match="give them with teachers"):
         make_config({"teacher_field": "source"})
 
@@ -166,7 +174,7 @@ def test_two_identical_teachers_under_two_names_train_as_one(tiny_dirs, tmp_path
 
     # teacher/rows/<name>: each step's rows of each teacher, as the data routes them
     task = build.task(cfg)
-    route = teachers.route(cfg, task.train)
+    route = routing.route(cfg, task.train)
     for step, m in enumerate(b):
         rows = order.batch_indices(step, cfg.batch_size, len(task.train), cfg.seed, cfg.shuffle_prompts)
         for name in ("one", "two"):
@@ -346,7 +354,7 @@ def test_each_teacher_reads_its_own_view_of_the_prompt(tiny_dirs, tmp_path):
     assert len(task.fewshot) == 1 and task.fewshot[0].row["source"] == "two"  # a worked example of its own rows
     prompts = build.prompt_set(cfg, pair, task, task.train, 8, "rollout_tokens")
     assert prompts.problems == task.train and len(prompts.teacher_ids) == len(task.train)
-    for problem, ids, name in zip(prompts.problems, prompts.teacher_ids, teachers.route(cfg, task.train)):
+    for problem, ids, name in zip(prompts.problems, prompts.teacher_ids, routing.route(cfg, task.train)):
         text = pair.tokenizer.decode(ids)
         assert ids.teacher == name and problem.prompt in text
         assert (text.endswith("SUFFIX") and "Think." in text and text.count("user") == 2) == (name == "two"), text
@@ -371,10 +379,10 @@ def test_each_teacher_sees_worked_examples_of_its_own_rows_in_its_own_template(t
     assert [rows.index(p.row) for p in task.eval] == rest[:5]
     assert [rows.index(p.row) for p in task.train] == rest[5:25]
     for name, template, count in [("one", "ONE", 3), ("two", "TWO", 2)]:
-        own = teachers.own(cfg, task, name)
+        own = routing.own(cfg, task, name)
         assert [p.row.get("source", "one") for p in own.fewshot] == [name] * count
         assert all(p.row.get("source", "one") == name for p in own.eval) and own.train == task.train
-        _, style = build.styles(teachers.views(cfg)[name], own)
+        _, style = build.styles(routing.views(cfg)[name], own)
         assert [answer for _, answer in style.fewshot] == [f"{template} {p.answer}" for p in own.fewshot]
     cfg.teachers["two"]["fewshot"] = 30  # more than the rows routed to it
     with pytest.raises(DataError, match="too few rows for the worked examples of teacher two \\(it has 20 of the 30"):
@@ -386,7 +394,7 @@ def test_eval_of_one_teachers_rows_prompts_them_as_that_teacher(tiny_dirs, tmp_p
     import yaml
 
     from esrdistill import cli
-    from esrdistill.evaluate import run_eval
+    from esrdistill.commands.evaluation import run_eval
 
     student, teacher = tiny_dirs
     values = tiny_overrides(student, None, tmp_path / "run", dataset=_routed_data(tmp_path / "data.jsonl"), dataset_options={},
@@ -394,7 +402,7 @@ def test_eval_of_one_teachers_rows_prompts_them_as_that_teacher(tiny_dirs, tmp_p
                             teachers={"one": teacher, "two": {"model": teacher, "fewshot": 2, "fewshot_template": "TWO {answer}"}})
     del values["teacher"]
     cfg = make_config(values)
-    routes = teachers.route(cfg, build.task(cfg).eval)
+    routes = routing.route(cfg, build.task(cfg).eval)
     for name in ("one", "two"):
         result = run_eval(cfg, teacher, view="teacher", progress=False, teacher=name)
         assert result.n_problems == routes.count(name) > 0

@@ -28,13 +28,15 @@ import random
 import pytest
 import torch
 
-from helpers import make_model, make_tokenizer, save_model
-from esrdistill import engine_hf, losses, objective, xtok
+from esrdistill import losses, objective
 from esrdistill.config import make_config
+from esrdistill.engines import hf as engine_hf
+from esrdistill.losses import log_probs
 from esrdistill.rollout import Sampling, response_logits, response_mask
-from esrdistill.teacher import log_probs
+from esrdistill.teachers import xtok
 from esrdistill.tracking import read_metrics
 from esrdistill.train import train
+from helpers import make_model, make_tokenizer, save_model
 
 pytestmark = pytest.mark.slow  # training runs until the student learns
 

@@ -5,10 +5,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import make_tokenizer, tiny_overrides, train_interrupted_then_resumed
 from esrdistill import cli, tracking
 from esrdistill.config import make_config
 from esrdistill.train import train
+from helpers import make_tokenizer, tiny_overrides, train_interrupted_then_resumed
 
 STEP_KEYS = {
     "step", "loss", "kl/reverse", "rollout/len_mean", "rollout/eos_frac", "rollout/tokens", "time/rollout_s",
@@ -117,8 +117,7 @@ def test_micro_batch_size_does_not_change_training(tiny_dirs, tmp_path):
 def _nan_at(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given (1-based) steps, by poisoning per_token_loss on those steps."""
     from esrdistill import losses
-
-    from esrdistill import engine_hf
+    from esrdistill.engines import hf as engine_hf
 
     real = losses.per_token_loss
     state = {"step": 0}
@@ -247,7 +246,7 @@ def test_loss_is_scored_on_the_teachers_own_view(tiny_dirs, tmp_path, monkeypatc
     values = tiny_overrides(student_dir, teacher_dir, run, steps=1, lora_r=0, batch_size=4, micro_batch_size=2, temperature=1.0,
                             system_prompt="Answer.", teacher_system_prompt="Think.", teacher_fewshot=2,
                             fewshot_template="= {answer}", teacher_prompt_suffix="#", prompt_template="Q: {prompt}")
-    from esrdistill import engine_hf
+    from esrdistill.engines import hf as engine_hf
 
     captured = []
     real_sample = engine_hf.HFEngine.sample
@@ -364,7 +363,7 @@ def test_selecting_every_token_equals_no_selection_and_top_kl_selects_high_kl(ti
 
 def test_rollout_tokens_auto_trains_with_the_diagnostics_k(tiny_dirs, tmp_path):
     from esrdistill import build
-    from esrdistill.diagnose import auto_k
+    from esrdistill.measure import auto_k
 
     student, teacher = tiny_dirs
     values = tiny_overrides(student, teacher, tmp_path / "run", steps=1, rollout_tokens="auto", max_new_tokens=16,
@@ -393,7 +392,7 @@ def test_token_selection_needs_full_rollouts():
 
 
 def test_shuffle_prompts_false_trains_on_the_files_prompts_in_order(tiny_dirs, tmp_path, monkeypatch):
-    from esrdistill import engine_hf
+    from esrdistill.engines import hf as engine_hf
 
     student, teacher = tiny_dirs
     data = tmp_path / "q.jsonl"
@@ -416,7 +415,8 @@ def test_shuffle_prompts_false_trains_on_the_files_prompts_in_order(tiny_dirs, t
 def test_nan_student_logits_under_sampled_top_p_skip_the_step(tiny_dirs, tmp_path, monkeypatch):
     """loss=sampled with top_p < 1 finds a nucleus in the student's log-probs; NaN there (at counted and
     masked positions alike) skips the step as it does for the other losses, instead of an IndexError."""
-    from esrdistill import engine_hf, objective
+    from esrdistill import objective
+    from esrdistill.engines import hf as engine_hf
 
     student, teacher = tiny_dirs
     state, real_sample, real_log_probs = {"step": 0}, engine_hf.HFEngine.sample, objective.log_probs

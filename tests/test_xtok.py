@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
-
-from helpers import make_model, make_tokenizer
-from esrdistill import losses, xtok
-from esrdistill.teacher import LossSettings, SameTokenizer, log_probs
-from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
 from xtok_tokenizers import permute_model, permuted_copy, sentencepiece_tokenizer
+
+from esrdistill import losses
+from esrdistill.losses import log_probs
+from esrdistill.teachers import xtok
+from esrdistill.teachers.cross import CrossTokenizer, XtokSettings
+from esrdistill.teachers.protocol import LossSettings
+from esrdistill.teachers.same import SameTokenizer
+from helpers import make_model, make_tokenizer
 
 TEXTS = [
     "What is 3 + 4? The answer is 7.",
@@ -298,7 +301,7 @@ def test_cross_tokenizer_losses_match_naive_references(byte_level, sentencepiece
     s_logp = torch.log_softmax(s_logits, -1)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     units, mass = xtok.renormalise(xtok.unit_logp(t_logp, vm.teacher_primary, vm.teacher_extra_units, vm.teacher_extra_ids))
-    from esrdistill.teacher import Scores
+    from esrdistill.teachers.protocol import Scores
 
     scores = Scores(logp=units.clamp(min=cross.xtok.teacher_floor), mask=mask, extra={"teacher_mass": mass, "teacher_full": t_logp})
     got = cross.compare(s_logp, scores, torch.zeros(2, 4, dtype=torch.long)).per_token

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from helpers import make_model, tiny_overrides
 from esrdistill import cli, tracking
+from helpers import make_model, tiny_overrides
 
 # ---- the whole loop on two tokenizers of different kinds -----------------------------------------------
 
@@ -71,8 +71,8 @@ def test_losses_that_make_no_sense_across_tokenizers_are_clear_errors(cross_dirs
 
 
 def test_diagnose_across_tokenizers_reports_the_alignment(cross_dirs, tmp_path):
+    from esrdistill.commands.diagnose import DiagnoseOptions, diagnose
     from esrdistill.config import make_config
-    from esrdistill.diagnose import DiagnoseOptions, diagnose
 
     student, teacher = cross_dirs
     cfg = make_config(tiny_overrides(student, teacher, tmp_path / "unused", eval_prompts=4, max_new_tokens=10,
@@ -94,7 +94,7 @@ def test_quickstart_cross_reports_the_accuracies_and_the_alignment(cross_dirs, t
     tiny cross-tokenizer pair instead of the packaged one."""
     import yaml
 
-    from esrdistill import quickstart
+    from esrdistill.commands import quickstart
 
     student, teacher = cross_dirs
     config = tmp_path / "cross.yaml"
@@ -120,9 +120,10 @@ def test_a_dummy_prefix_teacher_aligns_in_training_as_the_same_tokenizer_without
     prefix: the first step's rollouts are the same, and so (give or take the first position of a row)
     is the share of their positions aligned. Read as ' ' + text, only position 0 of each row aligned
     (1/12; 0.25 without the prefix on these random rollouts, which soon emit a special token)."""
+    from xtok_tokenizers import sentencepiece_tokenizer
+
     from esrdistill.config import make_config
     from esrdistill.train import train
-    from xtok_tokenizers import sentencepiece_tokenizer
 
     dirs = {}
     for name, tok, seed in (("student", byte_level, 1), ("plain", sentencepiece_tokenizer(480), 2),

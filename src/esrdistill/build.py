@@ -1,6 +1,6 @@
 """Builders: the only place where the Config turns into objects (models, task, prompts, grader, teacher,
 engine) and into the small frozen groups of settings the code takes instead of the whole config
-(teacher.LossSettings, cross_teacher.XtokSettings, engine_vllm.VLLMSettings, evaluate.EvalSettings).
+(teachers.protocol.LossSettings, teachers.cross.XtokSettings, engines.vllm.VLLMSettings, evaluate.EvalSettings).
 
 Users see one flat config; the cores (losses, selection, xtok) take plain values; train, eval and
 quickstart call these builders so that all three read a config the same way.
@@ -8,23 +8,28 @@ quickstart call these builders so that all three read a config the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from esrdistill import models, prompts, rollout, teachers
+from esrdistill import models, prompts, rollout, routing
 from esrdistill.config import Config, ConfigError, is_served
-from esrdistill.cross_teacher import CrossTokenizer, XtokSettings
 from esrdistill.data import Task, load_task
-from esrdistill.engine_hf import HFEngine
-from esrdistill.engine_vllm import VLLMEngine, VLLMSettings
+from esrdistill.engines.hf import HFEngine
+from esrdistill.engines.protocol import Engine
+from esrdistill.engines.vllm import VLLMEngine, VLLMSettings, import_vllm
 from esrdistill.evaluate import EvalSettings
 from esrdistill.grading import make_grader
 from esrdistill.packaged import is_packaged, resolve
-from esrdistill.served_teacher import Client, ServedSettings, ServedTeacher, base_url, check_server
-from esrdistill.teacher import LossSettings, SameTokenizer, Teacher
+from esrdistill.teachers.cross import CrossTokenizer, XtokSettings
+from esrdistill.teachers.protocol import LossSettings, Teacher
+from esrdistill.teachers.routed import Routed, TeacherPrompt, on_device
+from esrdistill.teachers.same import SameTokenizer
+from esrdistill.teachers.served import Client, ServedSettings, ServedTeacher, base_url, check_server
+from esrdistill.tracking import check_loggers
 
 
 def rollout_length(cfg: Config) -> int:
@@ -45,7 +50,7 @@ def rollout_length_key(cfg: Config) -> str:
 
 def prepare_models(cfg: Config) -> None:
     """Convert packaged models now (once, cached), so that loading them later is a plain local load."""
-    for spec in dict.fromkeys((cfg.student, cfg.teacher, *(v.teacher for v in teachers.views(cfg).values()))):
+    for spec in dict.fromkeys((cfg.student, cfg.teacher, *(v.teacher for v in routing.views(cfg).values()))):
         if is_packaged(spec):
             resolve(spec, cfg.model_cache)
 
@@ -59,9 +64,9 @@ def task(cfg: Config, need_train: bool = True, eval_prompts: int | None = None) 
         answer_field=cfg.answer_field,
         num_prompts=cfg.num_prompts,
         eval_prompts=cfg.eval_prompts if eval_prompts is None else eval_prompts,
-        fewshot=teachers.fewshot_counts(cfg),
-        route=teachers.router(cfg),
-        fewshot_template=({name: view.fewshot_template for name, view in teachers.views(cfg).items() if view.teacher_fewshot}
+        fewshot=routing.fewshot_counts(cfg),
+        route=routing.router(cfg),
+        fewshot_template=({name: view.fewshot_template for name, view in routing.views(cfg).items() if view.teacher_fewshot}
                           if cfg.teachers else cfg.fewshot_template),  # checked against the worked examples now
         seed=cfg.data_seed,
         options=cfg.dataset_options,
@@ -99,8 +104,13 @@ class Pair:
     cross: bool  # the teacher re-reads the student's text with its own tokenizer
     device: torch.device
     dtype: torch.dtype  # the compute dtype; a fully fine-tuned student keeps fp32 master weights
-    served: object = None  # served_teacher.Server when the teacher is served (teacher=http://...; `teacher` is None)
-    teachers: dict | None = None  # several teachers (teachers.pair): {name: (its view of the config, its Pair)}; `teacher` is the default's
+    served: object = None  # teachers.served.Server when the teacher is served (teacher=http://...; `teacher` is None)
+    teachers: dict | None = None  # several teachers (routed_pair): {name: (its view of the config, its Pair)}; `teacher` is the default's
+
+    @property
+    def appended(self) -> int:
+        """How many tokens the teacher's tokenizer appends to the student's vocabulary (0: the same)."""
+        return models.appended_tokens(self.vocab_size, self.teacher_tokenizer)
 
     def autocast(self):
         """The context in which the student computes: autocast to `dtype` when its weights are kept
@@ -114,10 +124,10 @@ class Pair:
         if self.teachers:
             return "; ".join(f"teacher {name}: {sub.describe()}" for name, (_, sub) in self.teachers.items())
         if self.served is not None:
-            extra = len(self.teacher_tokenizer.get_vocab()) - self.vocab_size
+            extra = self.appended
             return f"teacher: {self.served.model}, served" + (f" (its tokenizer appends {extra} tokens)" if extra else "")
         if not self.cross:
-            extra = len(self.teacher_tokenizer) - self.vocab_size
+            extra = self.appended
             return "tokenizers: the same" if extra == 0 else f"tokenizers: the teacher's appends {extra} tokens to the student's"
         why = "they differ" if self.relation == models.DIFFERENT else "cross_tokenizer=on"
         return (f"tokenizers: cross-tokenizer distillation ({why}: {self.vocab_size:,} student tokens, "
@@ -125,17 +135,15 @@ class Pair:
 
 
 def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
+    """The student (with LoRA or fully trainable when `trainable`) and its teacher: local, served (served_pair) or
+    several (routed_pair)."""
     if cfg.teachers:
-        return teachers.pair(cfg, device, trainable)
+        return routed_pair(cfg, device, trainable)
     if is_served(cfg.teacher):
         return served_pair(cfg, device, trainable)
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
-    teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.model_cache)
-    relation = models.tokenizer_relation(tokenizer, teacher_tokenizer)
-    if cfg.cross_tokenizer == "off":
-        models.shared_vocab(tokenizer, teacher_tokenizer)  # refuses different tokenizers, before loading weights
-    cross = relation == models.DIFFERENT or cfg.cross_tokenizer == "on"
+    teacher_tokenizer, relation, cross = _teacher_tokenizer(cfg, tokenizer)  # before any weights load
     student_dtype = models.master_dtype(dtype, cfg.lora_r) if trainable else dtype
     student = models.load_model(cfg.student, student_dtype, device, cfg.model_cache)
     if trainable:
@@ -157,6 +165,16 @@ def pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
     )
 
 
+def _teacher_tokenizer(view: Config, student_tokenizer) -> tuple[object, str, bool]:
+    """(the tokenizer of view.teacher, its models.tokenizer_relation to the student's, whether the teacher re-reads the
+    student's text: cross). cross_tokenizer=off refuses a different tokenizer here, before any weights load."""
+    tokenizer = models.load_tokenizer(view.teacher, view.model_cache)
+    relation = models.tokenizer_relation(student_tokenizer, tokenizer)
+    if view.cross_tokenizer == "off":
+        models.shared_vocab(student_tokenizer, tokenizer)
+    return tokenizer, relation, relation == models.DIFFERENT or view.cross_tokenizer == "on"
+
+
 MAX_APPENDED = 256  # a served teacher whose tokenizer appends more tokens to the student's is refused (each is asked for)
 
 
@@ -168,16 +186,23 @@ def served_pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
                           "teacher need its weights, so give teacher its directory or hub id there")
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.student, cfg.model_cache)
-    teacher_tokenizer, relation, appended = served_tokenizer(cfg, tokenizer)
-    server = check_server(served_settings(cfg), appended, teacher_tokenizer)  # before the weights: enough --max-logprobs?
+    served = _served_teacher(cfg, tokenizer)  # before the weights: does the server answer, with enough --max-logprobs?
     student = models.load_model(cfg.student, models.master_dtype(dtype, cfg.lora_r), device, cfg.model_cache)
     student = models.add_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     vocab = len(tokenizer.get_vocab())
     if student.get_output_embeddings().weight.shape[0] < vocab:
         raise models.ModelError(f"the student's LM head has fewer rows than its tokenizer's {vocab} tokens")
-    return Pair(student=student, teacher=None, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, vocab_size=vocab,
-                eos_ids=models.eos_ids(tokenizer, student), teacher_eos_ids=models.eos_ids(teacher_tokenizer, None),
-                relation=relation, cross=False, device=device, dtype=dtype, served=server)
+    return Pair(student=student, teacher=None, tokenizer=tokenizer, vocab_size=vocab, eos_ids=models.eos_ids(tokenizer, student),
+                device=device, dtype=dtype, **served)
+
+
+def _served_teacher(view: Config, student_tokenizer) -> dict:
+    """The Pair fields of the teacher served at view.teacher (teacher_tokenizer, relation, cross, teacher_eos_ids,
+    served: the answer of its server, asked now)."""
+    tokenizer, relation, appended = served_tokenizer(view, student_tokenizer)
+    server = check_server(served_settings(view), appended, tokenizer)
+    return dict(teacher_tokenizer=tokenizer, relation=relation, cross=False, teacher_eos_ids=models.eos_ids(tokenizer, None),
+                served=server)
 
 
 def served_tokenizer(cfg: Config, student_tokenizer) -> tuple[object, str, int]:
@@ -186,7 +211,7 @@ def served_tokenizer(cfg: Config, student_tokenizer) -> tuple[object, str, int]:
     student's ids."""
     tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.student, cfg.model_cache)
     relation = models.tokenizer_relation(student_tokenizer, tokenizer)
-    appended = len(tokenizer.get_vocab()) - len(student_tokenizer.get_vocab())
+    appended = models.appended_tokens(len(student_tokenizer.get_vocab()), tokenizer)
     if relation == models.DIFFERENT or appended > MAX_APPENDED:
         raise ConfigError(f"teacher_tokenizer={cfg.teacher_tokenizer} of the teacher served at {cfg.teacher} does not have "
                           f"the student's ids (or appends {appended} > {MAX_APPENDED} tokens to them): a served teacher "
@@ -224,11 +249,10 @@ def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None) -> 
     a vLLM server's top-K log-probs of the student's ids. prompts: the teacher prompts it will score, whose
     shared beginning is cached once (teacher_prefix_cache)."""
     if pair.teachers:
-        return teachers.teacher(cfg, pair, prompts)
+        return routed_teacher(cfg, pair, prompts)
     settings = loss_settings(cfg)
     if pair.served is not None:
-        appended = len(pair.teacher_tokenizer.get_vocab()) - pair.vocab_size
-        return ServedTeacher(Client(served_settings(cfg), pair.served, pair.vocab_size, appended), settings, pair.device)
+        return ServedTeacher(Client(served_settings(cfg), pair.served, pair.vocab_size, pair.appended), settings, pair.device)
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     prefix = rollout.PrefixCache(pair.teacher, prompts) if cfg.teacher_prefix_cache and prompts else None
     if not pair.cross:
@@ -237,7 +261,7 @@ def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None) -> 
                           settings, xtok_settings(cfg), prefix)
 
 
-def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None) -> rollout.Engine:
+def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None) -> Engine:
     """A rollout engine holding the student: `hf` (generate on the student itself) or `vllm` (an
     in-process vLLM engine, given the student's current weights). kind: default cfg.rollout_engine."""
     kind = kind or cfg.rollout_engine
@@ -247,7 +271,7 @@ def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | Non
 
 
 def vllm_engine(cfg: Config, path: str, dtype: torch.dtype, max_model_len: int, vocab_size: int,
-                weights_from=None) -> rollout.Engine:
+                weights_from=None) -> Engine:
     """An in-process vLLM engine on the model at `path`; with `weights_from`, given that model's weights
     at once (a resumed or LoRA-wrapped student is not what the directory holds)."""
     engine = VLLMEngine(path, dtype, max_model_len, cfg.seed, vocab_size, vllm_settings(cfg))
@@ -265,13 +289,9 @@ def check_available(cfg: Config) -> None:
     TensorBoard, wandb), and ask every served teacher's server whether it answers (and with its tokenizer:
     check_served), so that a missing package or server stops it before any model loads or anything is
     written or trained."""
-    from esrdistill.tracking import check_loggers
-
     evaluates = cfg.eval_every > 0 and cfg.eval_prompts > 0
     for key, kind in (("rollout_engine", cfg.rollout_engine), ("eval_engine", eval_engine_kind(cfg) if evaluates else "hf")):
         if kind == "vllm":
-            from esrdistill.engine_vllm import import_vllm
-
             import_vllm(f"{key}=vllm")
     check_loggers(cfg.tensorboard, cfg.wandb)
     check_served(cfg)
@@ -279,10 +299,10 @@ def check_available(cfg: Config) -> None:
 
 def check_served(cfg: Config) -> None:
     """Ask the server of each served teacher (teacher=http://..., or each one in `teachers`) whether it answers, returns
-    teacher_top_k log-probs and tokenizes as teacher_tokenizer does (served_teacher.check_server): the tokenizers are
+    teacher_top_k log-probs and tokenizes as teacher_tokenizer does (teachers.served.check_server): the tokenizers are
     loaded for that (small, fast), the weights not. A packaged model's tokenizer is not converted yet: its server is
     asked the rest now and its tokenizer checked when the pair loads, before the weights."""
-    served = [view for view in (teachers.views(cfg).values() if cfg.teachers else [cfg]) if is_served(view.teacher)]
+    served = [view for view in (routing.views(cfg).values() if cfg.teachers else [cfg]) if is_served(view.teacher)]
     student = None
     for view in served:
         tokenizer, appended = None, 0
@@ -325,7 +345,7 @@ def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int, n
     message that says which limit a dropped prompt exceeded.
     """
     if pair.teachers:  # each teacher's rows in its own view
-        return teachers.prompt_set(cfg, pair, task, problems, new_tokens, new_tokens_key)
+        return routed_prompt_set(cfg, pair, task, problems, new_tokens, new_tokens_key)
     student_style, teacher_style = styles(cfg, task)
     student_context = prompts.context_length(pair.student)
     if pair.served is not None:  # the server generates one token after what it scores: it needs room for it
@@ -346,3 +366,63 @@ def prompt_set(cfg: Config, pair: Pair, task: Task, problems, new_tokens: int, n
 
 def grader(cfg: Config, task: Task) -> Callable:
     return make_grader(task, cfg.grader, cfg.answer_extract)
+
+
+# ---- several teachers (`teachers:`; routing.py reads which row goes to which) ----------------------------
+
+def routed_pair(cfg: Config, device: torch.device, trainable: bool) -> Pair:
+    """The Pair of the default teacher, with `teachers`: {name: (its view of the config, its Pair)}; a model
+    named by several teachers is loaded once. Not trainable (evaluation, diagnostics): the default teacher alone."""
+    seen, default = routing.views(cfg), routing.default_name(cfg)
+    main = pair(seen[default], device, trainable)
+    if not trainable:
+        return main
+    loaded = {seen[default].teacher: main}
+    for view in seen.values():
+        if view.teacher in loaded:
+            continue
+        if is_served(view.teacher):  # its server was asked first, in check_available, before any model loaded
+            loaded[view.teacher] = dataclasses.replace(main, teacher=None, **_served_teacher(view, main.tokenizer))
+            continue
+        tokenizer, relation, cross = _teacher_tokenizer(view, main.tokenizer)
+        home = torch.device("cpu") if cfg.teacher_offload else device  # offloaded: loaded on the CPU
+        model = models.freeze(models.load_model(view.teacher, main.dtype, home, view.model_cache))
+        models.check_head_rows(main.vocab_size, main.student, model, len(tokenizer.get_vocab()) if cross else None)
+        loaded[view.teacher] = dataclasses.replace(main, teacher=model, teacher_tokenizer=tokenizer, relation=relation,
+                                                   cross=cross, teacher_eos_ids=models.eos_ids(tokenizer, model), served=None)
+    if cfg.teacher_offload and main.teacher is not None:
+        main.teacher.to("cpu")
+    return dataclasses.replace(main, teachers={name: (view, loaded[view.teacher]) for name, view in seen.items()})
+
+
+def routed_prompt_set(cfg: Config, pair: Pair, task: Task, problems: list, new_tokens: int,
+                      new_tokens_key: str) -> prompts.PromptSet:
+    """prompt_set of each teacher's problems in its own view, merged back in the problems' order, with the
+    teacher prompts as TeacherPrompts (ids that carry their teacher's name, which Routed reads)."""
+    names = routing.route(cfg, problems, task.fewshot + task.eval + task.train)
+    kept, dropped, why = {}, 0, []
+    for name, (view, sub) in pair.teachers.items():
+        mine = [p for p, n in zip(problems, names) if n == name]
+        if not mine:
+            continue
+        part = prompt_set(view, sub, routing.own(cfg, task, name), mine, new_tokens, new_tokens_key)
+        kept.update({id(p): (s, TeacherPrompt(t, name)) for p, s, t in zip(part.problems, part.student_ids, part.teacher_ids)})
+        dropped += part.dropped
+        why += [f"{name}: {part.why_dropped}"] if part.why_dropped else []
+    order = [p for p in problems if id(p) in kept]
+    return prompts.PromptSet(problems=order, student_ids=[kept[id(p)][0] for p in order],
+                             teacher_ids=[kept[id(p)][1] for p in order], dropped=dropped, why_dropped="; ".join(why))
+
+
+def routed_teacher(cfg: Config, pair: Pair, prompts: list | None = None) -> Routed:
+    """A Routed teacher over `teacher` of each teacher's view (its prefix cache over its own prompts)."""
+    out, offload = {}, {}
+    for name, (view, sub) in pair.teachers.items():
+        mine = [list(p) for p in prompts or [] if p.teacher == name]
+        if cfg.loss_chunk:
+            rollout.check_hidden_path(sub.teacher, f"teacher {name}")
+        if cfg.teacher_offload and sub.teacher is not None:  # its prefix cache and vocabulary map are made on the device
+            offload[name] = (sub.teacher, sub.device)
+        with on_device(*offload[name]) if name in offload else nullcontext():
+            out[name] = teacher(view, sub, mine or None)
+    return Routed(out, offload, signals=cfg.token_select != "prefix")

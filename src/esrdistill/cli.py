@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from esrdistill.evaluate import run_eval
+    from esrdistill.commands.evaluation import run_eval
 
     path, overrides = _split_config_args(args.args)
     cfg = load_config(path, overrides)
@@ -68,7 +68,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from esrdistill.diagnose import DiagnoseOptions, diagnose
+    from esrdistill.commands.diagnose import DiagnoseOptions, diagnose
 
     path, overrides = _split_config_args(args.args)
     for key in ("teacher", "student", "dataset"):
@@ -87,8 +87,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from esrdistill.quickstart import quickstart
-
+    from esrdistill.commands.quickstart import quickstart
     from esrdistill.train import TrainingInterrupted
 
     items = list(args.overrides)
@@ -102,7 +101,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from esrdistill.bench import bench
+    from esrdistill.commands.bench import bench
 
     engines = ("hf", "vllm") if args.engine == "both" else (args.engine,)
     bench(args.overrides, out=args.out, job=args.job, engines=engines, force_length=args.force_length)
@@ -110,7 +109,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from esrdistill.sweep import sweep
+    from esrdistill.commands.sweep import sweep
 
     path, overrides = _split_config_args(args.args)
     try:
@@ -122,7 +121,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from esrdistill.study import study
+    from esrdistill.commands.study import study
     from esrdistill.train import TrainingInterrupted
 
     try:
@@ -138,21 +137,21 @@ def cmd_lab(args) -> int:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     out = _output_dir(args.out or ("runs/lab-quick" if args.quick else "runs/lab"))
     if args.what == "models":
-        from esrdistill import lab
+        from esrdistill.commands import lab
 
         if args.quick:
             lab.models(out, teacher=lab.QUICK_TEACHER, student=lab.QUICK_STUDENT, eval_problems=16)
         else:
             lab.models(out)
     else:
-        from esrdistill.lab_repro import repro
+        from esrdistill.commands.lab_repro import repro
 
         repro(out, quick=args.quick, parallel=args.parallel)
     return 0
 
 
 def cmd_report(args) -> int:
-    from esrdistill.runreport import report
+    from esrdistill.commands.runreport import report
 
     path = report(args.run_dirs, out=args.out, target=args.target)
     print(f"wrote {path} and {path.with_name('curves.png')}")
@@ -160,7 +159,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from esrdistill.launch import launch
+    from esrdistill.commands.launch import launch
 
     return launch(args.rest)
 

@@ -1,4 +1,4 @@
-"""The paper's diagnostics as pure functions on tensors and lists (the model work is in diagnose.py).
+"""The paper's diagnostics as pure functions on tensors and lists (the model work is in measure.py).
 
 Shapes: B rollouts, T response positions, V vocabulary entries; mask (B, T) as in rollout.py.
 """

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from esrdistill import rollout
 from esrdistill.data import Problem
-from esrdistill.evalstats import mean_interval, majority_vote, ngram_repetition, wilson_interval
+from esrdistill.engines.protocol import Engine
+from esrdistill.evalstats import majority_vote, mean_interval, ngram_repetition, wilson_interval
 from esrdistill.grading import Grader, answer_markers
 
 
@@ -130,7 +131,7 @@ def summarise(problems: list[ProblemResult], temperature: float) -> EvalResult:
 
 
 def evaluate(
-    engine: rollout.Engine,
+    engine: Engine,
     tokenizer,
     prompt_ids: list[list[int]],
     problems: list[Problem],
@@ -141,7 +142,7 @@ def evaluate(
 ) -> EvalResult:
     """Sample settings.samples responses per problem (greedy at temperature 0), grade each and the majority.
 
-    engine: a rollout.Engine (engine_hf.HFEngine, engine_vllm.VLLMEngine) holding the model evaluated.
+    engine: an engines.protocol.Engine (engines.hf.HFEngine, engines.vllm.VLLMEngine) holding the model evaluated.
     """
     sampling, batch_size, samples = settings.sampling, settings.batch_size, settings.samples
     flat_prompts = [ids for ids in prompt_ids for _ in range(samples)]  # (problem 0 x n, problem 1 x n, ...)
@@ -180,40 +181,3 @@ def evaluate(
             majority_correct=grader.check(majority, problem),
         ))
     return summarise(results, sampling.temperature)
-
-
-def run_eval(cfg, model: str, view: str = "student", progress: bool = True, device=None,
-             teacher: str | None = None) -> EvalResult:
-    """Evaluate one model on the config's held-out problems, prompted as the student or the teacher.
-
-    cfg: a Config (dataset, prompts, grader, eval_* keys, max_new_tokens, device, dtype are used).
-    teacher: with several teachers and teacher_field, only the problems routed to that teacher, and
-    view="teacher" prompts them as that teacher sees them (its worked examples, system prompt, suffix).
-    """
-    from esrdistill import build, models, prompts, teachers
-    from esrdistill.data import DataError
-    from esrdistill.engine_hf import HFEngine
-
-    device = device or models.resolve_device(cfg.device)
-    task = build.task(cfg, need_train=False)
-    if teacher is not None:
-        task, cfg = teachers.own(cfg, task, teacher), teachers.views(cfg)[teacher]
-    grade = build.grader(cfg, task)  # a bad grader fails before the model loads
-    tokenizer = models.load_tokenizer(model, cfg.model_cache)
-    net = models.load_model(model, models.resolve_dtype(cfg.dtype, device), device, cfg.model_cache)
-    student_style, teacher_style = build.styles(cfg, task)
-    style = teacher_style if view == "teacher" else student_style
-    context = prompts.context_length(net)
-    limit = prompts.Limit(view, context - cfg.max_new_tokens, f"the model's context of {context} tokens minus max_new_tokens={cfg.max_new_tokens}")
-    prompt_set = prompts.prepare(task.eval, tokenizer, tokenizer, style, style, limit, limit)
-    if not task.eval:
-        raise DataError("no evaluation problems: set eval_prompts > 0")
-    prompt_set.require("evaluation prompts")
-    settings = build.evaluation(cfg, tokenizer, models.eos_ids(tokenizer, net), len(tokenizer))
-    if build.eval_engine_kind(cfg) == "vllm":
-        longest = max(map(len, prompt_set.student_ids)) + cfg.max_new_tokens
-        engine = build.vllm_engine(cfg, models.locate(model, cfg.model_cache), net.dtype, longest, len(tokenizer))
-    else:
-        engine = HFEngine(net)
-    return evaluate(engine, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, settings, progress=progress,
-                    desc=f"eval {view}")

@@ -13,6 +13,15 @@ import math
 import torch
 
 
+def log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, T, V_model) logits -> (B, T, vocab_size) fp32 log-probabilities over the shared vocabulary.
+
+    Rows past vocab_size are padding rows of the embedding (Qwen: 151936 vs 152064); they are cut
+    before the softmax so both models normalise over the same tokens.
+    """
+    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+
+
 def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) values where mask is set, exact zeros elsewhere (a NaN under the mask does not leak)."""
     return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
@@ -214,7 +223,7 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: str, denomina
     return total / max(float(denominator), 1.0)
 
 
-# ---- a teacher that gives only its top-K log-probs (served_teacher.py) ------------------------------
+# ---- a teacher that gives only its top-K log-probs (teachers/served.py) ------------------------------
 #
 # A served teacher returns, at each position, the log-probs of its K most likely tokens, not its whole
 # distribution. Two ways to compare the student with it, both over a small set of C categories:

@@ -180,7 +180,7 @@ def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTo
 
     A teacher whose tokenizer only appends tokens shares the student's whole vocabulary; the
     teacher's extra entries are cut and its distribution renormalised over the shared ones, which the
-    student can all produce. Different tokenizers need the cross-tokenizer path (cross_teacher.py).
+    student can all produce. Different tokenizers need the cross-tokenizer path (teachers/cross.py).
     """
     if tokenizer_relation(student_tok, teacher_tok) == DIFFERENT:
         raise ModelError(
@@ -189,6 +189,11 @@ def shared_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTo
             "teacher that shares the student's tokenizer"
         )
     return len(student_tok.get_vocab())
+
+
+def appended_tokens(student_vocab_size: int, teacher_tok: PreTrainedTokenizerBase) -> int:
+    """How many tokens the teacher's tokenizer has past the student's vocabulary (0: the same tokenizer)."""
+    return len(teacher_tok.get_vocab()) - student_vocab_size
 
 
 def check_head_rows(vocab_size: int, student, teacher, teacher_vocab_size: int | None = None) -> int:

@@ -18,13 +18,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from esrdistill import losses, selection
+from esrdistill.losses import log_probs
 from esrdistill.rollout import Rollouts, head_logits, response_logits
-from esrdistill.teacher import LossSettings, Scores, Teacher, log_probs
-
-
-# the per-token signals of token selection, by the metric names the teachers report them under
-SIGNAL_METRICS = {"reverse_kl": "kl/reverse", "forward_kl": "kl/forward", "teacher_entropy": "teacher/entropy",
-                  "student_entropy": "student/entropy"}
+from esrdistill.teachers.protocol import SIGNAL_KEYS, LossSettings, Scores, Teacher
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ def micro_batch_loss(student: Student, teacher: Teacher, scores: Scores, batch: 
         sums = {k: v.sum().item() for k, v in comparison.metrics.items()}
         per_token, chosen = comparison.per_token, scores.mask.bool()
         if select_rule != "prefix":
-            signals = {name: comparison.metrics[key] for name, key in SIGNAL_METRICS.items()}
+            signals = {name: comparison.metrics[key] for name, key in SIGNAL_KEYS.items()}
             chosen = selection.select(select_rule, scores.mask, budget, signals if needs_signals else None)
             per_token = torch.where(chosen, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
             sums.update(selection.selection_metrics(chosen, scores.mask, signals))
@@ -80,8 +76,8 @@ def micro_batch_loss(student: Student, teacher: Teacher, scores: Scores, batch: 
                     positions = slice(start, start + chunk)
                     metrics = teacher.compare(log_probs(head_logits(model, hidden[:, positions].detach()), vocab_size),
                                               scores.chunk(positions), tokens[:, positions]).metrics
-                    parts.append({name: metrics[key] for name, key in SIGNAL_METRICS.items()})
-            signals = {name: torch.cat([p[name] for p in parts], dim=1) for name in SIGNAL_METRICS}
+                    parts.append({name: metrics[key] for name, key in SIGNAL_KEYS.items()})
+            signals = {name: torch.cat([p[name] for p in parts], dim=1) for name in SIGNAL_KEYS}
         chosen = selection.select(select_rule, scores.mask, budget, signals)
         if signals is not None:
             sums.update(selection.selection_metrics(chosen, scores.mask, signals))
@@ -101,7 +97,7 @@ def micro_batch_loss(student: Student, teacher: Teacher, scores: Scores, batch: 
                 for key, value in comparison.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.sum().item()
                 if select_rule in selection.POSITIONAL:
-                    for name, key in SIGNAL_METRICS.items():
+                    for name, key in SIGNAL_KEYS.items():
                         positional_signals.setdefault(name, []).append(comparison.metrics[key].detach())
             per_token = torch.where(picked, comparison.per_token, torch.zeros((), dtype=comparison.per_token.dtype,
                                                                                device=comparison.per_token.device))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from esrdistill.data import Problem, check_fewshot_template, row_fields
+from esrdistill.data import DataError, Problem, check_fewshot_template, row_fields
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,6 @@ class PromptSet:
     def require(self, what: str) -> None:
         """Raise a DataError naming the limit when every prompt was dropped."""
         if not self.problems:
-            from esrdistill.data import DataError
 
             raise DataError(f"every one of the {self.dropped} {what} is too long: {self.why_dropped}")
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from esrdistill.config import ConfigError
 from esrdistill.errors import UserError
 
 
@@ -53,7 +54,6 @@ class fail_together:
 def check_joined(device: str, processes: int) -> None:
     """Refuse a launch whose processes did not join one process group (`processes`: those that did): accelerate
     without CUDA and without device=cpu runs each of them alone, every one training the whole run by itself."""
-    from esrdistill.config import ConfigError
 
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched != processes:

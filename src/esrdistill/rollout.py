@@ -1,6 +1,6 @@
 """Rollouts: what every sampling engine returns, the response mask, and packing prompt + response for
-one forward pass (with the LM head in fp32). `Engine` (at the end) is what an engine implements; the
-engines are engine_hf.py and engine_vllm.py.
+one forward pass (with the LM head in fp32). What an engine implements is engines/protocol.py's `Engine`; the
+engines are in engines/.
 
 Conventions used everywhere in esrdistill:
 - A prompt is a list of token ids (no padding). A batch of prompts is left-padded for generation.
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+
+from esrdistill.errors import UserError
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
@@ -150,7 +151,6 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def check_hidden_path(model, role: str) -> None:
     """Refuse the chunked loss for a model whose logits the hidden-state path does not reproduce."""
-    from esrdistill.errors import UserError
 
     device = next(model.parameters()).device
     ids = torch.arange(1, 9, device=device).unsqueeze(0)
@@ -241,23 +241,3 @@ class Sampling:
     pad_id: int = 0
     vocab_size: int | None = None  # ids >= vocab_size (padding rows of the LM head) are never sampled
     min_new_tokens: int = 0  # EOS is suppressed before this many tokens (forced lengths for benchmarks)
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """A rollout engine: it samples responses from the model it holds. `hf` (engine_hf.HFEngine: generate
-    on the student itself) and `vllm` (engine_vllm.VLLMEngine); build.engine picks one from the config.
-    Training calls `sample` for each step's rollouts and `sync` after each optimizer step; evaluation and
-    the diagnostics call `sample`."""
-
-    name: str  # the kind: "hf" | "vllm"
-
-    def sample(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None) -> Rollouts:
-        """One response per prompt (B lists of token ids, no padding), at most sampling.max_new_tokens long:
-        Rollouts with responses (B, T) right-padded and their mask (B, T), on the CPU. seeds: one per row,
-        whose sample depends on it alone; None draws from torch's global generator."""
-        ...
-
-    def sync(self, model) -> None:
-        """Give the engine `model`'s current weights (the student's, after an optimizer step)."""
-        ...

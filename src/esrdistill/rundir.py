@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
-from esrdistill import checkpoint, ranks, sharding
+from esrdistill import checkpoint, ranks
 from esrdistill.config import Config, ConfigError, save_config, to_dict
+from esrdistill.learner import Learner
 from esrdistill.tracking import MetricsLogger, load_metrics, read_metrics, rewrite_metrics
 
 
@@ -88,13 +89,13 @@ def trim_metrics(run_dir: Path, last_step: int, log) -> None:
         rewrite_metrics(run_dir, kept)
 
 
-def resume(cfg: Config, run_dir: Path, student, optimizer, scheduler, accelerator: Accelerator, say) -> int:
-    """With resume=true, restore the newest checkpoint in place; return its step (0 without one).
-    Nothing in run_dir is written."""
+def resume(cfg: Config, run_dir: Path, student: Learner, accelerator: Accelerator, say) -> int:
+    """With resume=true, restore the newest checkpoint into the student, its optimizer and schedule, in place; return
+    its step (0 without one). Nothing in run_dir is written."""
     with ranks.fail_together(accelerator):
         found = checkpoint.latest(run_dir) if cfg.resume else None
         if found is not None:
-            step = (sharding.load if sharding.is_sharded(student) else checkpoint.load)(found, student, optimizer, scheduler)
+            step = student.load(found)
             say(f"Resumed from {found} (step {step})")
             return step
         if cfg.resume:

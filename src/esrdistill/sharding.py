@@ -9,7 +9,7 @@ whole copy. What needs the whole student gathers it:
 - generation and evaluation run inside `gathered`: every process all-gathers the full weights once, then
   generates on its own with no collective per decoding step (the processes decode different numbers of
   steps, and an evaluation runs on the first process alone: per-layer all-gathers in each forward would
-  need every process to decode as long as the longest, transformers' synced_gpus, which engine_hf turns off);
+  need every process to decode as long as the longest, transformers' synced_gpus, which engines/hf.py turns off);
 - checkpoints, the final model and the vLLM weight push read `whole`: an ordinary (unsharded) model built
   from the full state dict, so checkpoints and final/ are the files a single-process run writes (each tensor
   its own, also where a dimension does not divide by the number of processes: _own_storage).
@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from esrdistill import checkpoint
@@ -103,27 +108,6 @@ def gathered(model):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(unit is not _root(model))  # the root keeps FSDP2's default: no reshard
-
-
-class GatheringEngine:
-    """A rollout engine (rollout.Engine) over a sharded student: `sample` runs with the weights gathered;
-    `sync` is the engine's (vLLM's push reads an ordinary copy of the whole student: full tensors, gathered
-    once per sync by every process, each of which holds its own engine)."""
-
-    def __init__(self, engine, student):
-        self.engine, self.student, self.name = engine, student, engine.name
-
-    def sample(self, prompts, sampling, seeds=None):
-        with gathered(self.student):
-            return self.engine.sample(prompts, sampling, seeds)
-
-    def sync(self, model) -> None:
-        self.engine.sync(model)  # the vLLM push gathers (engine_vllm.student_weights); hf has nothing to do
-
-
-def gathering(engine, student):
-    """`engine` itself for an unsharded student, else the engine that gathers the student's weights."""
-    return GatheringEngine(engine, student) if is_sharded(student) else engine
 
 
 def whole(model, everywhere: bool = False):

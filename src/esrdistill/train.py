@@ -1,6 +1,12 @@
-"""The training loop of on-policy distillation with Early Stopping Rollout, in one function.
+"""The training loop of on-policy distillation with Early Stopping Rollout: `train()`, which reads as the phases of
+a step, each a function of its inputs below it:
 
-    for each step:  sample rollouts (K tokens) -> score with the teacher -> loss -> step -> log -> save
+    for each step:  sample (the student's rollouts, K tokens) -> teacher.plan (what the teacher reads)
+                    -> accumulate (per micro-batch: the teacher's scores, the loss, backward) -> optimizer_step
+                    -> step_record, evaluate, log, checkpoint, stop
+
+The student it trains is a learner.Learner (one process, DDP or FSDP2 alike); the teacher any
+teachers.protocol.Teacher; the rollouts come from any engines.protocol.Engine.
 
 Run it with `esrdistill train CONFIG.yaml`, or `accelerate launch --multi_gpu --num_processes N -m
 esrdistill.cli train ...` for N processes (each samples its share of the batch; gradients are summed).
@@ -14,23 +20,24 @@ import math
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import build, checkpoint, objective, order, ranks, rollout, rundir, selection, sharding
+from esrdistill import build, checkpoint, learner, objective, order, ranks, rollout, rundir, selection
 from esrdistill.config import Config, ConfigError
+from esrdistill.engines.protocol import Engine
 from esrdistill.errors import UserError
 from esrdistill.evaluate import EvalSettings, evaluate
+from esrdistill.measure import auto_k
 from esrdistill.stepmetrics import step_metrics, step_warnings
-from esrdistill.teacher import LossSettings, Teacher
+from esrdistill.teachers.protocol import LossSettings, Teacher
 from esrdistill.tracking import PhaseTimer, peak_memory_mb, reset_peak_memory
 
 
@@ -79,39 +86,15 @@ class TrainingDiverged(UserError):
     """Too many steps in a row had a NaN or inf loss or gradient; the weights on disk are the last finite ones."""
 
 
-def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused where the device supports it (135M parameters on this CPU: 0.09-0.12 s per step
-    fused against 0.64-0.85 s for the default implementation)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def _optimisation(cfg: Config, model: torch.nn.Module, accelerator: Accelerator):
-    """(the student as trained: DDP-wrapped under several processes, sharded in place under an FSDP accelerate
-    config; the student itself, for generate, saving and evaluation; AdamW over its trainable parameters (over
-    this process's shards under FSDP2); the warmup-then-cosine schedule)."""
-    if sharded := sharding.requested():  # (checked in _setup)
-        with ranks.fail_together(accelerator):
-            model = sharding.shard(model, accelerator.device, accelerator.num_processes)
-    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-    # Not passed to accelerator.prepare: a prepared scheduler steps once per process on every call.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
-    if sharded:  # FSDP2 averages the gradients itself, as DDP does
-        return model, model, optimizer, scheduler
-    student, optimizer = accelerator.prepare(model, optimizer)
-    return student, accelerator.unwrap_model(student), optimizer, scheduler
-
 
 @dataclass
-class _Setup:
+class Run:
     """What the loop needs, built from the config once."""
 
     cfg: Config  # the config with rollout_tokens=auto resolved
     run_dir: Path
     pair: build.Pair
-    teacher: Teacher  # teacher.SameTokenizer or cross_teacher.CrossTokenizer
+    teacher: Teacher  # any teachers.protocol.Teacher: same, cross, served or routed
     train_set: object  # prompts.PromptSet
     eval_set: object
     grade: object
@@ -120,7 +103,7 @@ class _Setup:
     loss: LossSettings  # the loss and the token selection
 
 
-def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
+def setup(cfg: Config, accelerator: Accelerator, say) -> Run:
     """Checks, data, models and prompts. A failure on any process stops every process with its message."""
     device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     with ranks.fail_together(accelerator):
@@ -129,8 +112,7 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
         ranks.check_joined(cfg.device, procs)
         if cfg.batch_size % procs:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {procs} processes")
-        if sharding.requested():  # an FSDP accelerate config: refused now if esrdistill cannot follow it
-            sharding.check(cfg, procs)
+        learner.check(cfg, procs)  # an FSDP accelerate config: refused now if esrdistill cannot follow it
         run_dir = rundir.check(cfg, say) if is_main else Path(cfg.run_dir).expanduser()
         task = build.task(cfg)
         grade = build.grader(cfg, task)  # a bad grader fails here, before minutes of model loading
@@ -146,12 +128,8 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
             cfg = dataclasses.replace(cfg, rollout_tokens=saved["rollout_tokens"])  # a resumed run keeps the K it chose
             say(f"rollout_tokens=auto: K = {cfg.rollout_tokens}, as chosen when this run started")
         if cfg.rollout_tokens == "auto":  # the diagnostics choose K for this pair and task, on the first process
-            from esrdistill.diagnose import auto_k
-
             choice = [auto_k(cfg, pair, task, grade, say) if is_main else None]
             if procs > 1:
-                from accelerate.utils import broadcast_object_list
-
                 broadcast_object_list(choice)
             cfg = dataclasses.replace(cfg, rollout_tokens=choice[0][0])
             say(f"rollout_tokens=auto: K = {cfg.rollout_tokens}: {choice[0][1]}")
@@ -173,156 +151,204 @@ def _setup(cfg: Config, accelerator: Accelerator, say) -> _Setup:
     if cfg.loss == "sampled" and cfg.top_p < 1:
         say(f"Warning: loss=sampled with top_p={cfg.top_p}: tokens outside the nucleus are never sampled, so the "
             "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
-    return _Setup(cfg=cfg, run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
+    return Run(cfg=cfg, run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
                   sampling=build.rollout_sampling(cfg, pair, rollout_len),
                   evaluation=build.evaluation(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size), loss=build.loss_settings(cfg))
+
 
 
 def train(cfg: Config, log=tqdm.write) -> Path:
     """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    device, is_main, procs = accelerator.device, accelerator.is_main_process, accelerator.num_processes
-    say = log if is_main else (lambda message: None)
-    run = _setup(cfg, accelerator, say)
-    cfg, run_dir, pair, teacher, train_set = run.cfg, run.run_dir, run.pair, run.teacher, run.train_set
-
-    # ---- optimisation, resume --------------------------------------------------------------------
-    student, plain_student, optimizer, scheduler = _optimisation(cfg, pair.student, accelerator)
-    learner = objective.Student(student, pair.tokenizer.pad_token_id, pair.vocab_size, pair.autocast)  # what the loss runs
-    start_step = rundir.resume(cfg, run_dir, plain_student, optimizer, scheduler, accelerator, say)
+    say = log if accelerator.is_main_process else (lambda message: None)
+    run = setup(cfg, accelerator, say)
+    cfg, run_dir = run.cfg, run.run_dir
+    student = learner.prepare(cfg, run.pair, accelerator)
+    start_step = rundir.resume(cfg, run_dir, student, accelerator, say)
     # the rollouts' sampler: generate on the student, or vLLM given the (resumed) student's weights
-    longest = max(map(len, train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
-    engine: rollout.Engine = sharding.gathering(build.engine(cfg, pair, plain_student, longest), plain_student)
-    evaluator = _Evaluator(run, plain_student, engine, longest)
+    longest = max(map(len, run.train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
+    engine = student.engine(build.engine(cfg, run.pair, student.model, longest))
+    evaluator = _Evaluator(run, student.model, engine, longest)
     with ranks.fail_together(accelerator):  # everything is built: only now is the run's record touched
-        logger, best = rundir.open_record(cfg, run_dir, start_step, is_main, say)
+        logger, best = rundir.open_record(cfg, run_dir, start_step, accelerator.is_main_process, say)
+    done = _Done(step=start_step, saved=start_step, best=best)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and accelerator.is_main_process),
+               unit="step")
 
     def keep_last_step() -> None:
-        """Before a failed step stops the run (every process together): checkpoint the `step` steps complete so far."""
-        if step > last_saved:
-            path = _save(accelerator, run_dir, step, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
-            say(f"Saved the last complete step ({step}) to {path} before stopping")
+        """Before a failed step stops the run (every process together): checkpoint the steps complete so far."""
+        if done.step > done.saved:
+            path = student.save(accelerator, run_dir, done.step, cfg.keep_checkpoints, done.best["step"])
+            say(f"Saved the last complete step ({done.step}) to {path} before stopping")
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and is_main), unit="step")
-    last_saved, skipped_in_row, warned, missed, save_timer = start_step, 0, set(), [], PhaseTimer()
-    with _InterruptFlag(several_processes=procs > 1) as interrupt, _closing(bar, logger):  # however the loop ends
+    with _InterruptFlag(several_processes=accelerator.num_processes > 1) as interrupt, _closing(bar, logger):
         for step in range(start_step, cfg.steps):
             timer, step_start = PhaseTimer(), time.perf_counter()
-            reset_peak_memory(device)
-            set_seed(order.step_seed(cfg.seed, step, accelerator.process_index))
-            positions = range(accelerator.process_index, cfg.batch_size, procs)  # this process's share of the batch
-            rows = [order.batch_indices(step, cfg.batch_size, len(train_set.problems), cfg.seed, cfg.shuffle_prompts)[j] for j in positions]
-            student_prompts = [train_set.student_ids[i] for i in rows]
-
-            # ---- 1. rollout: the student samples its own responses --------------------------------
-            k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
-                                cfg.schedule_steps or cfg.steps)
-            sampling = dataclasses.replace(run.sampling, max_new_tokens=k, min_new_tokens=min(run.sampling.min_new_tokens, k))
+            reset_peak_memory(accelerator.device)
             # A failure in phases 1-3 on any process (a teacher server down, a request refused) stops every process,
             # after the last complete step is saved: until this step's optimizer step, the weights are those after `step`.
             with timer("rollout"), _failing_together(accelerator, keep_last_step):
-                # ESR is this length: generation itself stops after K tokens, nothing is masked off.
-                batch = engine.sample(student_prompts, sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
-
-            # ---- 2. what the teacher reads (across tokenizers: the text, aligned) ------------------
-            # nothing to do for a shared tokenizer; across tokenizers, the text and its alignment
+                batch = sample(run, engine, step, accelerator)
             with timer("align"), _failing_together(accelerator, keep_last_step):
-                plan = teacher.plan([train_set.teacher_ids[i] for i in rows], batch.responses, batch.mask)
-            counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()  # positions with a teacher signal, all processes
-            loss_tokens = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()  # on this process
-            selected = accelerator.reduce(loss_tokens.float().to(device), "sum").item()  # positions that carry the loss, all processes
-            denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else selected
-
-            # ---- 3-4. per micro-batch: teacher scores, student loss, backward ----------------------
-            student.train()
-            sums = {"loss": 0.0, "response_tokens": float(batch.mask.sum()), "prompt_tokens": float(sum(map(len, student_prompts))),
-                    "loss_tokens": float(loss_tokens), "ended": float(batch.ended(pair.eos_ids).sum())}
-            groups = order.micro_batches(batch.lengths.tolist(), cfg.micro_batch_size)  # similar lengths together
-            for i, idx in enumerate(groups):
-                width = int(batch.lengths[idx].max())  # T': drop the padding past this group's longest response
-                micro = rollout.Rollouts([student_prompts[j] for j in idx], batch.responses[idx, :width], batch.mask[idx, :width])
-                with timer("teacher"), _failing_together(accelerator, keep_last_step):
-                    scores = teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
-                with timer("train"), accelerator.no_sync(student) if i < len(groups) - 1 else nullcontext():
-                    loss, metric_sums = objective.micro_batch_loss(learner, teacher, scores, micro, run.loss, denominator)
-                    # DDP and FSDP2 average gradients over processes (in the last backward); scaling by their number makes it a sum.
-                    accelerator.backward(loss * procs)
-                    sums["loss"] += loss.item()
-                    for key, value in metric_sums.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                del scores, loss
-            for key, (part, whole) in plan.ratios.items():
-                sums[key + ":num"], sums[key + ":den"] = part, whole
-            totals = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
-
-            # ---- 5. optimizer step, skipped when the loss or the gradient is not finite ------------
+                plan = run.teacher.plan([run.train_set.teacher_ids[i] for i in batch.rows], batch.rollouts.responses,
+                                        batch.rollouts.mask)
+            totals, counted = accumulate(run, student, batch, plan, accelerator, timer, keep_last_step)
             with timer("train"):
-                lr = scheduler.get_last_lr()[0]
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
-                finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)  # the same on every process
-                if finite:
-                    optimizer.step()
-                scheduler.step()  # the schedule stays a function of the step, skipped or not
-                optimizer.zero_grad(set_to_none=True)
+                finite, grad_norm, lr = optimizer_step(cfg, student, totals["loss"], accelerator)
             if finite:
                 with timer("sync"):
-                    engine.sync(plain_student)  # the engine samples from the updated student next step
-            skipped_in_row = 0 if finite else skipped_in_row + 1
-            done = step + 1
+                    engine.sync(student.model)  # the engine samples from the updated student next step
+            done.step, done.skipped_in_row = step + 1, 0 if finite else done.skipped_in_row + 1
             if not finite:
-                say(f"Warning: step {done} skipped: loss {totals['loss']}, gradient norm {grad_norm} "
-                    f"({skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
-
-            # ---- 6. log, evaluate, checkpoint, stop ------------------------------------------------
-            metrics = step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
-            metrics.update({"rollout/k": k, "rollout/decode_steps": batch.responses.shape[1],  # generate runs until its longest row ends
-                            "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
-            missed.append(metrics.get("agree/teacher_top1_missed", 0.0))
-            for warning in step_warnings(cfg, done, metrics, missed, warned):
-                say(warning)
-            new_best = False
-            if cfg.eval_every and run.eval_set.problems and (done % cfg.eval_every == 0 or done == cfg.steps):
-                with timer("eval"), sharding.gathered(plain_student):  # every process gathers a sharded student
-                    if is_main:
-                        best, new_best = evaluator.run(done, best, metrics)  # adds the eval/ figures to metrics
-                    new_best = ranks.any_process(accelerator, new_best)  # every process joins the save of a new best
-            metrics.update(_timings(save_timer, timer, step_start, device))  # time/save_s: the previous step's checkpoint
-            if logger is not None:  # before the checkpoint: a kill between the two loses no row (resume trims later ones)
-                logger.log(done, metrics)
-            save_timer = PhaseTimer()
-            if cfg.save_every and (done % cfg.save_every == 0 or new_best):  # the best evaluation keeps its checkpoint
-                with save_timer("save"):
-                    _save(accelerator, run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints, best["step"])
-                last_saved = done
+                say(f"Warning: step {done.step} skipped: loss {totals['loss']}, gradient norm {grad_norm} "
+                    f"({done.skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
+            metrics = step_record(cfg, run.teacher, totals, counted, batch, lr, grad_norm, finite)
+            log_evaluate_save(run, student, evaluator, logger, done, metrics, timer, step_start, accelerator, say)
             _show(bar, metrics)
-            if skipped_in_row >= cfg.max_skipped_steps:
-                raise _diverged(run_dir, skipped_in_row, done)
+            if done.skipped_in_row >= cfg.max_skipped_steps:
+                raise _diverged(run_dir, done.skipped_in_row, done.step)
             if ranks.any_process(accelerator, interrupt.set):  # a Ctrl-C on any process stops all after this step
-                saved = checkpoint.latest(run_dir)
-                if last_saved != done:
-                    saved = _save(accelerator, run_dir, done, plain_student, optimizer, scheduler, cfg.keep_checkpoints,
-                                  best["step"]) or saved
-                raise TrainingInterrupted(done, saved or checkpoint.checkpoints_root(run_dir) / f"step_{done:07d}")
+                raise _interrupted(accelerator, run_dir, student, done, cfg.keep_checkpoints)
 
-    # ---- final model -----------------------------------------------------------------------------
-    final_student = sharding.whole(plain_student)  # sharded: gathered on the first process (every process joins)
+    final_student = student.whole()  # sharded: gathered on the first process (every process joins)
     with ranks.fail_together(accelerator):  # a full disk on the first process stops every process
-        if is_main:
-            _save_final(cfg, run_dir, final_student, pair, best)
+        if accelerator.is_main_process:
+            _save_final(cfg, run_dir, final_student, run.pair, done.best)
             log(f"Final student saved to {run_dir / 'final'}")
     accelerator.wait_for_everyone()
     return run_dir
 
 
+@dataclass
+class _Done:
+    """What the loop carries from one step to the next."""
+
+    step: int  # steps complete
+    saved: int  # the newest step checkpointed (or resumed from)
+    best: dict  # the best evaluation so far, {"step", "accuracy"}
+    skipped_in_row: int = 0  # steps in a row whose loss or gradient was not finite
+    missed: list[float] = field(default_factory=list)  # agree/teacher_top1_missed of every step so far (step_warnings)
+    warned: set = field(default_factory=set)  # the warnings said already
+    save_timer: PhaseTimer = field(default_factory=PhaseTimer)  # the checkpoint written after the last logged row
+
+
+# ---- the phases of a step ------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """This process's share of one step's batch: its training rows, their student prompts and the rollouts."""
+
+    rows: list[int]  # indices into the training prompts
+    prompts: list[list[int]]  # the student's prompt ids of those rows
+    rollouts: rollout.Rollouts  # (B, T) responses and mask, on the CPU
+    k: int  # the rollouts' length limit this step (ESR: K; a full rollout: max_new_tokens)
+
+
+def sample(run: Run, engine: Engine, step: int, accelerator: Accelerator) -> Batch:
+    """Phase 1: the student samples its own responses to this process's rows of step `step`. ESR is this length:
+    generation itself stops after K tokens, nothing is masked off. Seeded by (seed, step, row): a resumed run samples
+    what the uninterrupted one did."""
+    cfg, rank, procs = run.cfg, accelerator.process_index, accelerator.num_processes
+    set_seed(order.step_seed(cfg.seed, step, rank))
+    positions = range(rank, cfg.batch_size, procs)  # this process's share of the batch
+    order_of_step = order.batch_indices(step, cfg.batch_size, len(run.train_set.problems), cfg.seed, cfg.shuffle_prompts)
+    rows = [order_of_step[j] for j in positions]
+    prompts = [run.train_set.student_ids[i] for i in rows]
+    k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
+                        cfg.schedule_steps or cfg.steps)
+    sampling = dataclasses.replace(run.sampling, max_new_tokens=k, min_new_tokens=min(run.sampling.min_new_tokens, k))
+    rollouts = engine.sample(prompts, sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
+    return Batch(rows=rows, prompts=prompts, rollouts=rollouts, k=k)
+
+
+def accumulate(run: Run, student: learner.Learner, batch: Batch, plan, accelerator: Accelerator, timer: PhaseTimer,
+               before_stopping) -> tuple[dict[str, float], float]:
+    """Phases 3-4, per micro-batch of similar lengths: the teacher scores, the student's loss, backward (gradients
+    summed over micro-batches and processes). Returns (the step's sums over every process: loss, tokens, metrics and
+    the plan's ratios as key:num / key:den; the positions with a teacher signal, all processes)."""
+    cfg, device, procs, responses = run.cfg, accelerator.device, accelerator.num_processes, batch.rollouts
+    counted = accelerator.reduce(plan.mask.sum().to(device), "sum").item()
+    loss_tokens = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()  # on this process
+    selected = accelerator.reduce(loss_tokens.float().to(device), "sum").item()  # positions that carry the loss, all processes
+    denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else selected
+    student.trained.train()
+    sums = {"loss": 0.0, "response_tokens": float(responses.mask.sum()), "prompt_tokens": float(sum(map(len, batch.prompts))),
+            "loss_tokens": float(loss_tokens), "ended": float(responses.ended(run.pair.eos_ids).sum())}
+    groups = order.micro_batches(responses.lengths.tolist(), cfg.micro_batch_size)
+    for i, idx in enumerate(groups):
+        width = int(responses.lengths[idx].max())  # T': drop the padding past this group's longest response
+        micro = rollout.Rollouts([batch.prompts[j] for j in idx], responses.responses[idx, :width], responses.mask[idx, :width])
+        with timer("teacher"), _failing_together(accelerator, before_stopping):
+            scores = run.teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
+        with timer("train"), accelerator.no_sync(student.trained) if i < len(groups) - 1 else nullcontext():
+            loss, metric_sums = objective.micro_batch_loss(student.loss_view, run.teacher, scores, micro, run.loss, denominator)
+            # DDP and FSDP2 average gradients over processes (in the last backward); scaling by their number makes it a sum.
+            accelerator.backward(loss * procs)
+            sums["loss"] += loss.item()
+            for key, value in metric_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+        del scores, loss
+    for key, (part, whole) in plan.ratios.items():  # read after the last score (teachers.protocol.Plan)
+        sums[key + ":num"], sums[key + ":den"] = part, whole
+    return {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}, counted
+
+
+def optimizer_step(cfg: Config, student: learner.Learner, loss: float, accelerator: Accelerator) -> tuple[bool, float, float]:
+    """Phase 5: clip, step (skipped when the loss or the gradient is not finite), advance the schedule. Returns
+    (whether the weights changed, the gradient norm, the learning rate the step used)."""
+    lr = student.scheduler.get_last_lr()[0]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(student.trained.parameters(), max_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every process
+    if finite:
+        student.optimizer.step()
+    student.scheduler.step()  # the schedule stays a function of the step, skipped or not
+    student.optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm, lr
+
+
+def step_record(cfg: Config, teacher: Teacher, totals: dict[str, float], counted: float, batch: Batch, lr: float,
+                grad_norm: float, finite: bool) -> dict:
+    """Phase 6's figures of one step (stepmetrics.step_metrics, with the rollout limit, optimizer and skip)."""
+    metrics = step_metrics(totals, counted, cfg.batch_size, teacher.constant_metrics)
+    metrics.update({"rollout/k": batch.k, "rollout/decode_steps": batch.rollouts.responses.shape[1],  # generate runs until its longest row ends
+                    "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": int(not finite)})
+    return metrics
+
+
 # ---- phase 6: evaluate, save, log, stop ----------------------------------------------------------------
+
+def log_evaluate_save(run: Run, student: learner.Learner, evaluator: "_Evaluator", logger, done: _Done, metrics: dict,
+                      timer: PhaseTimer, step_start: float, accelerator: Accelerator, say) -> None:
+    """Phase 6 after step done.step: the warnings its figures call for, an evaluation every eval_every steps (and after
+    the last), the step's row in the metrics log, a checkpoint every save_every steps and at a new best evaluation.
+    Updates `done` (best, saved, save_timer) and `metrics` (eval/ and time/ figures)."""
+    cfg = run.cfg
+    done.missed.append(metrics.get("agree/teacher_top1_missed", 0.0))
+    for warning in step_warnings(cfg, done.step, metrics, done.missed, done.warned):
+        say(warning)
+    new_best = False
+    if cfg.eval_every and run.eval_set.problems and (done.step % cfg.eval_every == 0 or done.step == cfg.steps):
+        with timer("eval"), student.gathered():  # every process gathers a sharded student
+            if accelerator.is_main_process:
+                done.best, new_best = evaluator.run(done.step, done.best, metrics)  # adds the eval/ figures to metrics
+            new_best = ranks.any_process(accelerator, new_best)  # every process joins the save of a new best
+    metrics.update(_timings(done.save_timer, timer, step_start, accelerator.device))  # time/save_s: the previous step's save
+    if logger is not None:  # before the checkpoint: a kill between the two loses no row (resume trims later ones)
+        logger.log(done.step, metrics)
+    done.save_timer = PhaseTimer()
+    if cfg.save_every and (done.step % cfg.save_every == 0 or new_best):  # the best evaluation keeps its checkpoint
+        with done.save_timer("save"):
+            student.save(accelerator, run.run_dir, done.step, cfg.keep_checkpoints, done.best["step"])
+        done.saved = done.step
+
 
 class _Evaluator:
     """Evaluations of the student during training, on the first process. They sample with the rollouts'
     engine when eval_engine is its kind, else with an engine of eval_engine's kind, built when first
     needed and given the student's current weights before each evaluation."""
 
-    def __init__(self, run: _Setup, student, engine: rollout.Engine, longest: int):
+    def __init__(self, run: Run, student, engine: Engine, longest: int):
         self.setup, self.student, self.longest, self.rollouts_engine = run, student, longest, engine
         self.engine = engine if build.eval_engine_kind(run.cfg) == engine.name else None
 
@@ -342,19 +368,6 @@ class _Evaluator:
             best = {"step": done, "accuracy": result.accuracy}
         metrics["eval/best_step"] = best["step"]
         return best, new_best
-
-
-def _save(accelerator: Accelerator, run_dir: Path, done: int, student, optimizer, scheduler, keep: int,
-          best_step: int | None) -> Path | None:
-    """Checkpoint step `done` (keeping the newest `keep` and the best evaluation's): the first process
-    writes it while the others wait (a sharded student and optimizer are gathered to it first). Returns its path
-    on the first process, None on the others."""
-    if sharding.is_sharded(student):
-        student, optimizer = sharding.whole(student), sharding.WholeOptimizer(student, optimizer)
-    with ranks.fail_together(accelerator):  # the others wait; a full disk on the first process stops them all
-        path = checkpoint.save(run_dir, done, student, optimizer, scheduler, keep, best_step) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    return path
 
 
 def _timings(save_timer: PhaseTimer, timer: PhaseTimer, step_start: float, device: torch.device) -> dict[str, float]:
@@ -397,6 +410,14 @@ def _closing(bar, logger) -> Iterator[None]:
         bar.close()
         if logger is not None:
             logger.close()
+
+
+def _interrupted(accelerator: Accelerator, run_dir: Path, student: learner.Learner, done: _Done, keep: int) -> TrainingInterrupted:
+    """The error that stops a run after a Ctrl-C, once the step it finished is checkpointed."""
+    saved = checkpoint.latest(run_dir)
+    if done.saved != done.step:
+        saved = student.save(accelerator, run_dir, done.step, keep, done.best["step"]) or saved
+    return TrainingInterrupted(done.step, saved or checkpoint.checkpoints_root(run_dir) / f"step_{done.step:07d}")
 
 
 def _diverged(run_dir: Path, skipped_in_row: int, done: int) -> TrainingDiverged:

@@ -1,6 +1,6 @@
 """Cross-tokenizer alignment: the bytes of every token, which teacher position matches which student
 position, and which student tokens have a teacher counterpart. Pure functions and plain data; the
-models are in teacher.py.
+teacher that uses them is cross.py.
 
 The student's sampled ids are the ground truth. Its response is the concatenation of its tokens'
 bytes (special tokens have none); the teacher reads that text, tokenised by its own tokenizer, after

@@ -140,7 +140,7 @@ def sample(model, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
 
 
 class HFEngine:
-    """A rollout engine (rollout.Engine): the student itself samples with `generate`; `sync` has nothing to do."""
+    """A rollout engine (protocol.Engine): the student itself samples with `generate`; `sync` has nothing to do."""
 
     name = "hf"
 

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from esrdistill import losses, xtok
+from esrdistill import losses
 from esrdistill.errors import UserError
-from esrdistill.rollout import head_logits
-from esrdistill.teacher import Comparison, LossSettings, Plan, Scores, divergence_metrics, log_probs, response_logits
+from esrdistill.losses import log_probs
+from esrdistill.rollout import head_logits, response_logits
+from esrdistill.teachers.protocol import DIVERGENCE_KEYS, Comparison, LossSettings, Plan, Scores
+from esrdistill.teachers import xtok
+from esrdistill.teachers.same import divergence_metrics
 
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 
@@ -36,9 +39,12 @@ class XtokSettings:
 
 
 class CrossTokenizer:
-    """A teacher (teacher.Teacher) that re-reads the student's text with its own tokenizer."""
+    """A teacher (protocol.Teacher) that re-reads the student's text with its own tokenizer."""
 
     kind = "cross"
+    metric_keys = DIVERGENCE_KEYS + ("xtok/student_mapped_mass", "xtok/teacher_mapped_mass")
+    ratio_keys = ("xtok/aligned_frac",)
+    topk_keys: tuple[str, ...] = ()
 
     def __init__(self, model, student_tokenizer, teacher_tokenizer, student_eos: list[int], teacher_eos: list[int],
                  micro_batch: int, settings: LossSettings, xtok_settings: XtokSettings = XtokSettings(), prefix=None):

@@ -25,9 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from esrdistill import studyreport
+from esrdistill import __version__
+from esrdistill.commands import studyreport
+from esrdistill.commands.diagnose import DiagnoseOptions, diagnose
+from esrdistill.commands.evaluation import run_eval
 from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.tracking import read_metrics
+from esrdistill.train import TrainingInterrupted, train
 
 STUDIES = {"same": "study_same.yaml", "cross": "study_cross.yaml"}
 STUDY_KEYS = {"pair", "about", "config", "arms", "seeds", "target", "diagnose", "quick"}
@@ -132,7 +136,6 @@ def plan(study: Study, out: Path, overrides: dict, arms: str | None = None, seed
 
 def commit() -> str:
     """The git commit of the code that runs (with -dirty when the checkout has changes), or the version."""
-    from esrdistill import __version__
 
     where = Path(__file__).resolve().parent
     try:
@@ -150,7 +153,6 @@ def before(cfg, out: Path, view: str, say=print) -> dict:
     """The accuracy of the config's teacher (view=teacher, with its worked examples) or zero-shot student on the
     held-out problems, computed once and kept in OUT/before/: the teacher's per data seed (its worked examples are
     rows of that seed), the student's once when the problems do not depend on the seed (eval_split)."""
-    from esrdistill.evaluate import run_eval
 
     key = f"{view}-data_seed{cfg.data_seed}" if view == "teacher" or not cfg.eval_split else f"{view}-any"
     path = out / "before" / f"{key}.json"
@@ -267,7 +269,6 @@ def save_record(report_dir: Path, rec: dict) -> list[dict]:
 def _diagnose(study: Study, runs: list[StudyRun], out: Path, values: dict, say) -> Path | None:
     """The diagnostics once per pair (decay, KL share, cascading alignment against the trained student of
     `diagnose.after`'s first seed), in OUT/diagnose/; skipped when done or when that run is not finished."""
-    from esrdistill.diagnose import DiagnoseOptions, diagnose
 
     d = study.diagnose
     if not d:
@@ -292,7 +293,6 @@ def _diagnose(study: Study, runs: list[StudyRun], out: Path, values: dict, say) 
 def study(spec: str, overrides: list[str] | None = None, out: str | None = None, report: str | None = None,
           quick: bool = False, arms: str | None = None, seeds: str | None = None, say=print) -> list[dict]:
     """Plan, train what is not done (resuming what was interrupted), record, diagnose once, report."""
-    from esrdistill.train import TrainingInterrupted, train
 
     st = load_study(spec, quick)
     values = parse_overrides(overrides or [])

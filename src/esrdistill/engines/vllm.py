@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esrdistill import sharding
 from esrdistill.errors import UserError
 from esrdistill.rollout import Rollouts, Sampling, response_mask
 
@@ -92,8 +93,6 @@ def student_weights(model) -> list[tuple[str, torch.Tensor]]:
     `get_delta_weight`), computed out of place; the adapter tensors themselves are left out. A student sharded
     with FSDP2 is gathered first (sharding.whole): by every process, or by this one alone inside sharding.gathered.
     """
-    from esrdistill import sharding
-
     model = sharding.whole(model, everywhere=True)
     if not hasattr(model, "peft_config"):
         return list(model.state_dict().items())
@@ -127,7 +126,7 @@ class VLLMSettings:
 
 
 class VLLMEngine:
-    """A rollout engine (rollout.Engine) on vLLM, in this process."""
+    """A rollout engine (protocol.Engine) on vLLM, in this process."""
 
     name = "vllm"
 

@@ -13,10 +13,11 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from esrdistill import runreport, teachers
+from esrdistill import build, routing
+from esrdistill.commands import runreport
+from esrdistill.commands.evaluation import run_eval
 from esrdistill.config import ConfigError, load_config, parse_overrides
-from esrdistill.evaluate import EvalResult, run_eval, summarise
-from esrdistill.packaged import is_packaged, resolve
+from esrdistill.evaluate import EvalResult, summarise
 from esrdistill.tracking import read_metrics
 from esrdistill.train import TrainingInterrupted, train
 
@@ -50,7 +51,7 @@ def _run_eval(cfg, model: str | None, view: str) -> dict[str | None, EvalResult]
     """{part: its evaluation} (model None: each part's own teacher), and the whole set's under None."""
     out = {}
     for part in _parts(cfg):
-        own = model or (teachers.views(cfg)[part].teacher if part else cfg.teacher)
+        own = model or (routing.views(cfg)[part].teacher if part else cfg.teacher)
         out[part] = run_eval(cfg, own, view=view, progress=cfg.progress, teacher=part)
     if None not in out:
         first = next(iter(out.values()))
@@ -61,7 +62,7 @@ def _run_eval(cfg, model: str | None, view: str) -> dict[str | None, EvalResult]
 def _described(cfg) -> str:
     if not cfg.teacher_field:
         return f"{cfg.teacher} (with {cfg.teacher_fewshot} worked examples in its prompt)"
-    views = teachers.views(cfg)
+    views = routing.views(cfg)
     return (f"{len(views)} teachers, each row scored by the one its {cfg.teacher_field} names ("
             + "; ".join(f"{name}: {v.teacher} with {v.teacher_fewshot} worked examples of its own rows" for name, v in views.items())
             + ")")
@@ -85,9 +86,7 @@ def quickstart(overrides: list[str] | None = None, variant: str = "default") -> 
 
     start = time.perf_counter()
     say("[1/4] Preparing the packaged models (converted once, then cached) ...")
-    for spec in {cfg.student, cfg.teacher, *(v.teacher for v in teachers.views(cfg).values())}:
-        if is_packaged(spec):
-            resolve(spec, cfg.model_cache)
+    build.prepare_models(cfg)
     seconds["prepare_models"] = time.perf_counter() - start
 
     say(f"[2/4] Accuracy before distillation on {cfg.eval_prompts} held-out problems (greedy) ...")

@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+from esrdistill.commands.evaluation import run_eval
+from esrdistill.config import load_config
+from esrdistill.grading import extract_answer
 
 MODULUS = 10
 OPS = {"+": lambda a, b: (a + b) % MODULUS, "-": lambda a, b: (a - b) % MODULUS}
@@ -86,7 +89,6 @@ def make_problems(n: int, seed: int, spec: TaskSpec) -> list[dict]:
 def grade(response: str, answer: str) -> bool:
     """Right when the response's last \\boxed{} holds the answer: the lab's runs use the same rule
     (grader=exact, answer_extract=boxed_last)."""
-    from esrdistill.grading import extract_answer
 
     found = extract_answer(response, "boxed_last")
     return found is not None and found == answer.strip()
@@ -253,8 +255,6 @@ def lab_config(out: Path, **extra) -> dict:
 def models(out: str = "runs/lab", task: TaskSpec = TaskSpec(), teacher: ModelSpec = TEACHER, student: ModelSpec = STUDENT,
            eval_problems: int = 128, say=print, progress: bool = True) -> dict:
     """Train (or reuse) the lab's teacher and student and report both accuracies on held-out problems."""
-    from esrdistill.config import load_config
-    from esrdistill.evaluate import run_eval
 
     root = Path(out).expanduser()
     root.mkdir(parents=True, exist_ok=True)

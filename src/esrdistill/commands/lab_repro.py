@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esrdistill import lab, sweep
+from esrdistill.commands import diagnose as diagnose_module
+from esrdistill.commands import lab, sweep
 from esrdistill.config import load_config
 from esrdistill.errors import UserError
 
@@ -257,7 +258,7 @@ def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, foun
         "## The lab", "",
         f"Task: a two-term recurrence modulo 10 (r = x op y, then (x, y) = (y, r); op in '{models['task']['ops']}'), "
         f"{models['task']['steps_min']}-{models['task']['steps_max']} steps, each written on its own line, the answer boxed: "
-        f"the teacher's responses are {t['len_mean']:.0f} tokens on average (character tokenizer). See `esrdistill/lab.py`.",
+        f"the teacher's responses are {t['len_mean']:.0f} tokens on average (character tokenizer). See `esrdistill/commands/lab.py`.",
         f"Teacher: Llama {models['teacher']['hidden']}x{models['teacher']['layers']}, {models['teacher']['steps']} steps; "
         f"{t['accuracy']:.1%} greedy ({t['ci'][0]:.1%}-{t['ci'][1]:.1%}, {t['problems']} problems), trained in "
         f"{models.get('train_seconds', {}).get('teacher', float('nan')) / 60:.1f} min.",
@@ -286,7 +287,6 @@ def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, foun
 
 def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=print, progress: bool = True) -> dict:
     """Models, the grid with seeds, diagnostics, claims; everything under OUT/ with report.md."""
-    from esrdistill import diagnose as diagnose_module
 
     grid = QUICK if quick else Grid()
     root = Path(out).expanduser()

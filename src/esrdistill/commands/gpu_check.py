@@ -1,9 +1,9 @@
 """The benchmark of the GPU check (scripts/gpu_check.sh): ESR against a full rollout at a realistic size,
 on randomly initialised models built from configs, timed by esrdistill's own training loop.
 
-    python -m esrdistill.gpu_check --out DIR              # CUDA: Qwen2-style ~1.5B student, Qwen3-style ~1.6B teacher
-    python -m esrdistill.gpu_check --out DIR --dry-run    # CPU: the same code path with tiny models, in seconds
-    python -m esrdistill.gpu_check cuda-verdict --junit FILE --pytest-status RC [--dry-run]
+    python -m esrdistill.commands.gpu_check --out DIR              # CUDA: Qwen2-style ~1.5B student, Qwen3-style ~1.6B teacher
+    python -m esrdistill.commands.gpu_check --out DIR --dry-run    # CPU: the same code path with tiny models, in seconds
+    python -m esrdistill.commands.gpu_check cuda-verdict --junit FILE --pytest-status RC [--dry-run]
                                                           # the CUDA tests' verdict (cuda_tests_verdict)
 
 Speed does not depend on the weights when every rollout runs to its length limit (min_new_tokens = that
@@ -29,12 +29,14 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from esrdistill.bench import BENCH_DEFAULTS, summarise, table
+from esrdistill.cli import main as cli_main
+from esrdistill.commands.bench import BENCH_DEFAULTS, summarise, table
 from esrdistill.config import load_config, save_config
 from esrdistill.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-CARRIED_TOKENIZER = REPO / ".gpucheck" / "tokenizer"  # written by `scripts/gpu_check.sh --prepare`
+# written by `scripts/gpu_check.sh --prepare` into the checkout, carried with the device call; read from the directory
+# the check runs in (the script runs it from the repository root), so an installed package finds it too
+CARRIED_TOKENIZER = Path(".gpucheck") / "tokenizer"
 SOURCE_NOTE = "SOURCE.txt"  # first line: how to name the vocabulary in the report
 
 
@@ -202,7 +204,7 @@ def run_arm(label: str, config_path: Path, run_dir: Path, limit_s: float | None)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     why = None
     try:
-        subprocess.run([sys.executable, "-m", "esrdistill.gpu_check", "train", str(config_path)], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "esrdistill.commands.gpu_check", "train", str(config_path)], check=True, env=env,
                        timeout=limit_s)
     except subprocess.CalledProcessError as err:
         why = f"exit status {err.returncode}"
@@ -346,7 +348,7 @@ def cuda_tests_verdict(junit_xml: str | None, pytest_status: int, cuda_device: s
 
 def cuda_verdict_main(argv: list[str]) -> int:
     """`cuda-verdict --junit FILE --pytest-status RC [--dry-run]`: print the verdict's reason, exit 0 / 3 / 1."""
-    parser = argparse.ArgumentParser(prog="python -m esrdistill.gpu_check cuda-verdict")
+    parser = argparse.ArgumentParser(prog="python -m esrdistill.commands.gpu_check cuda-verdict")
     parser.add_argument("--junit", required=True, help="pytest's --junitxml report of tests/test_cuda.py")
     parser.add_argument("--pytest-status", type=int, required=True, help="pytest's exit status")
     parser.add_argument("--dry-run", action="store_true", help="on a CPU: all skipped is 'skipped', not a failure")
@@ -365,10 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cuda-verdict"]:
         return cuda_verdict_main(argv[1:])
     if argv[:1] == ["train"]:  # one arm, in its own process: `esrdistill train` itself
-        from esrdistill.cli import main as cli_main
-
         return cli_main(argv)
-    parser = argparse.ArgumentParser(prog="python -m esrdistill.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m esrdistill.commands.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (seconds), the same code path")
     parser.add_argument("--out", required=True, help="where bench.md, bench.json, setup.json and the arms' metrics go")
     parser.add_argument("--work", help="where the models and runs go (default: a temporary directory, removed after)")

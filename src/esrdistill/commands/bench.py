@@ -23,8 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from esrdistill.config import load_config, parse_overrides
+from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.errors import UserError
+from esrdistill.models import locate
 from esrdistill.tracking import read_metrics
 
 # A task on which the packaged student writes long answers (step-by-step reasoning), so that a
@@ -85,7 +86,6 @@ def layer_subset(spec: str, layers: tuple[int, ...], out: Path, model_cache: str
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from esrdistill.models import locate
 
     path = locate(spec, model_cache)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -135,7 +135,6 @@ def table(results: dict[str, dict]) -> str:
 
 def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str = "esr-vs-full", engines: tuple[str, ...] = ("hf",),
           force_length: bool = False) -> dict:
-    from esrdistill.config import ConfigError
 
     if job not in JOBS:
         raise ConfigError(f"unknown bench job '{job}': choose one of {', '.join(JOBS)}")

@@ -24,12 +24,15 @@ import torch
 
 from esrdistill import losses
 from esrdistill.errors import UserError
-from esrdistill.teacher import Comparison, LossSettings, Plan, Scores
+from esrdistill.teachers.protocol import DIVERGENCE_KEYS, Comparison, LossSettings, Plan, Scores
 
 BACKOFF_S = 1.0  # the first wait before a retry; each further retry waits twice as long
 CHECK_TIMEOUT_S = 10.0  # the start-up check of the server
 # Tokenised on the server (/tokenize) and here at start: other ids mean the server's tokenizer is not teacher_tokenizer.
 PROBE_TEXT = "Tokenizer check: 12 + 30 = 42, so (x * 7) / 3 - y != z; \"Hello\" World, it's done.\nNext line"
+# The metrics topk_metrics computes over the teacher's top-K categories (with one bucket for the rest), not over the
+# vocabulary, when teacher_top_k is below it: this teacher's topk_keys then.
+TOPK_KEYS = ("kl/reverse", "kl/forward", "teacher/entropy")
 
 
 class ServedTeacherError(UserError):
@@ -274,22 +277,26 @@ class Client:
 # ---- the teacher --------------------------------------------------------------------------------------
 
 class ServedTeacher:
-    """A Teacher (teacher.Teacher) served by vLLM: the student's own ids are scored on the server, and the loss
+    """A Teacher (protocol.Teacher) served by vLLM: the student's own ids are scored on the server, and the loss
     compares the two over the teacher's top-K tokens (and, with mode=tail, one bucket for the rest)."""
 
     kind = "served"
+    metric_keys = DIVERGENCE_KEYS + ("kl/sampled", "teacher/topk_mass")
+    ratio_keys = ("teacher/request_s", "teacher/retries")
 
     def __init__(self, client: Client, settings: LossSettings, device: torch.device):
         self.client, self.settings, self.device = client, settings, device
         self.mode, self.top_k = client.settings.mode, client.settings.top_k
         self.whole_vocabulary = self.top_k >= client.vocab_size  # then its KLs and entropy are the full ones (topk_metrics)
+        self.topk_keys = () if self.whole_vocabulary else TOPK_KEYS
         self.constant_metrics = {}
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, Future] = {}  # the plan's requests still unread, by row
+        self._answers: dict[int, RowLogprobs] = {}  # those read, kept until the next plan (score may ask again)
 
     def plan(self, prompts: list[list[int]], responses: torch.Tensor, mask: torch.Tensor) -> Plan:
         """The same plan as a local teacher with the student's tokenizer; the requests for every row start now,
         so that the server works on the whole batch while the first micro-batch waits."""
-        self._pending = {}
+        self._pending, self._answers = {}, {}
         for row, prompt in enumerate(prompts):
             n = int(mask[row].sum())
             if n:
@@ -306,19 +313,23 @@ class ServedTeacher:
         token_logp = torch.zeros((len(rows), width))
         seconds, retries = plan.ratios["teacher/request_s"], plan.ratios["teacher/retries"]
         for i, row in enumerate(rows):
-            if row not in self._pending:
+            if not 0 <= row < len(plan.prompts):
+                raise IndexError(f"row {row} of a plan of {len(plan.prompts)} rows")
+            if row in self._pending:  # read now: its seconds and retries count once
+                try:
+                    answer = self._answers[row] = self._pending.pop(row).result()
+                except ServedTeacherError:
+                    self.client.stop.set()  # the run stops: requests still waiting to retry give up now
+                    for future in self._pending.values():
+                        future.cancel()
+                    raise
+                seconds = (seconds[0] + answer.seconds, seconds[1] + 1)
+                retries = (retries[0] + answer.retries, 0.0)  # a count: summed over processes, not averaged
+            answer = self._answers.get(row)
+            if answer is None:  # an empty response: nothing was asked
                 continue
-            try:
-                answer = self._pending.pop(row).result()
-            except ServedTeacherError:
-                self.client.stop.set()  # the run stops: requests still waiting to retry give up now
-                for future in self._pending.values():
-                    future.cancel()
-                raise
             n = answer.ids.shape[0]
             ids[i, :n], logp[i, :n], token_logp[i, :n] = answer.ids, answer.logp, answer.token_logp
-            seconds = (seconds[0] + answer.seconds, seconds[1] + 1)
-            retries = (retries[0] + answer.retries, 0.0)  # a count: summed over processes, not averaged
         plan.ratios["teacher/request_s"], plan.ratios["teacher/retries"] = seconds, retries
         mask = plan.mask[rows, :width].to(self.device)
         logp = logp.to(self.device)

@@ -14,7 +14,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from esrdistill.runreport import save_figure
+from esrdistill.commands.runreport import save_figure
 
 
 def _stats(values: list) -> dict:
