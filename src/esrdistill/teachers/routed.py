@@ -69,8 +69,7 @@ class Routed:
         # teachers whose are over the vocabulary, those keys are averaged over the others' positions alone and theirs
         # are logged as <key>/<name>.
         self.topk = {n: t.topk_keys for n, t in teachers.items() if t.topk_keys}
-        self.top_k_only = list(self.topk)
-        self.mixed = 0 < len(self.top_k_only) < len(teachers)
+        self.mixed = 0 < len(self.topk) < len(teachers)
         self.split = self.mixed and not signals
         self.topk_keys = tuple(dict.fromkeys(k for keys in self.topk.values() for k in keys)) if not self.mixed else ()
         self.metric_keys, self.ratio_keys = tuple(self.metrics), self._ratio_keys()
