@@ -102,3 +102,58 @@ def test_shuffle_prompts_false_keeps_a_files_order(tmp_path):
     shuffled = build.task(load_config(None, {"dataset": str(path), "eval_prompts": 2, "num_prompts": None}))
     assert sorted(p.prompt for p in shuffled.eval + shuffled.train) == sorted(f"q{i}" for i in range(8))
     assert [p.prompt for p in shuffled.eval + shuffled.train] != [f"q{i}" for i in range(8)]
+
+
+def _tiny_side_by_side(tiny_dirs, tmp_path):
+    student, teacher = tiny_dirs
+    overrides = [f"student={student}", f"teacher={teacher}", "dataset=reasoning_gym:chain_sum", "num_prompts=16",
+                 "device=cpu", "model_cache=" + str(tmp_path / "cache")]
+    return bench.against_trl(overrides, out=str(tmp_path / "out"), rounds=1, lengths=(3,), steps=2)
+
+
+@pytest.mark.slow  # TRL's trainer and esrdistill's, each in its own process
+def test_against_trl_runs_both_tools_on_the_same_prompts_and_reports_each_phase(tiny_dirs, tmp_path):
+    pytest.importorskip("trl")
+    result = _tiny_side_by_side(tiny_dirs, tmp_path)
+    runs = result["runs"]
+    assert [(r["tool"], r["n"], r["round"]) for r in runs] == [("trl", 3, 1), ("hf", 3, 1)]
+    for run in runs:
+        assert len(run["steps"]) == 2 and run["phases"]["steps_measured"] == 1
+        assert all(run["phases"][p]["median"] > 0 for p in ("rollout", "teacher", "train", "step"))
+        assert run["phases"]["tokens"] == 4 * 3  # batch 4, every rollout forced to exactly N=3 tokens
+        step = run["steps"][1]
+        assert step["time/step_s"] >= step["time/rollout_s"] + step["time/teacher_s"]
+    report = (tmp_path / "out" / "bench-trl.md").read_text()
+    assert "| N | TRL step s | esrdistill hf step s | ratio |" in report
+    assert "| rollout s |" in report and "| teacher s |" in report and "load average before the runs" in report
+    trl_step, ours = runs[0]["phases"]["step"]["median"], runs[1]["phases"]["step"]["median"]
+    assert f"| 3 | {trl_step:.2f} | {ours:.2f} | {ours / trl_step:.2f} |" in report
+
+
+def test_the_trl_spec_is_the_equal_work_job_token_for_token(tiny_dirs, tmp_path):
+    """The ids the TRL side is checked against are esrdistill's own prompt ids of its first steps, in order."""
+    student, teacher = tiny_dirs
+    defaults, _ = bench.JOBS["equal-work"]
+    values = {**defaults, "student": student, "teacher": teacher, "dataset": "reasoning_gym:chain_sum", "num_prompts": 16,
+              "steps": 3, "device": "cpu"}
+    spec = bench.trl_spec(values, 5)
+    cfg = load_config(None, {**values, "rollout_tokens": 5, "min_new_tokens": 5})
+    task = build.task(cfg)
+    assert [m[-1]["content"] for m in spec["prompts"]] == [p.prompt for p in task.train[:12]]
+    assert all(m[-1]["role"] == "user" and len(m) == 1 for m in spec["prompts"])  # system_prompt null: the template's own
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student)
+    assert spec["prompt_ids"] == [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                                  for m in spec["prompts"]]
+    assert (spec["n"], spec["steps"], spec["batch_size"], spec["lr"], spec["max_grad_norm"], spec["temperature"], spec["top_p"]) == \
+        (5, 3, 4, 1e-6, 1.0, 0.7, 1.0)
+
+
+def test_against_trl_refuses_a_job_trl_does_not_run(tiny_dirs, tmp_path):
+    from esrdistill.config import ConfigError
+
+    student, teacher = tiny_dirs
+    defaults, _ = bench.JOBS["equal-work"]
+    with pytest.raises(ConfigError, match="as TRL runs it"):
+        bench.trl_spec({**defaults, "student": student, "teacher": teacher, "lora_r": 8}, 4)

@@ -63,6 +63,17 @@ def test_the_bench_table_has_the_three_phases_for_both_arms(dry_run):
 
 
 @pytest.mark.slow  # the GPU check's dry run end to end
+def test_the_decode_table_times_every_variant_the_sizes_name(dry_run):
+    out, _ = dry_run
+    setup = json.loads((out / "bench" / "setup.json").read_text())
+    assert [r["variant"] for r in setup["decode"]] == list(DRY.decode_variants)
+    assert all(r["decode_step_ms"] > 0 for r in setup["decode"])
+    table = (out / "bench" / "bench.md").read_text()
+    assert f"| decode step, batch {DRY.batch_size} | ms | warm-up s |" in table
+    assert all(f"| {label} |" in table for label in DRY.decode_variants)
+
+
+@pytest.mark.slow  # the GPU check's dry run end to end
 def test_the_setup_names_the_models_and_the_vocabulary(dry_run):
     out, _ = dry_run
     setup = json.loads((out / "bench" / "setup.json").read_text())
@@ -82,6 +93,10 @@ def test_the_gpu_setting_is_the_one_asked_for():
         assert (cfg.device, cfg.dtype, cfg.rollout_engine, cfg.batch_size, cfg.lora_r, cfg.steps) == ("cuda", "bfloat16", "hf", 16, 32, 3)
         lengths[label] = (cfg.rollout_tokens or cfg.max_new_tokens, cfg.min_new_tokens)
     assert lengths == {"esr_k100": (100, 100), "full_1024": (1024, 1024)}  # every rollout forced to its length
+    assert cfg.hf_decode == "compiled" and cfg.hf_merge_lora  # the fast path the GPU times
+    from esrdistill.commands.gpu_check import DECODE_VARIANTS
+
+    assert GPU.decode_variants == tuple(v[0] for v in DECODE_VARIANTS)  # with and without LoRA, merging, compiling
 
 
 def test_the_gpu_models_have_about_1_5b_and_1_6b_parameters():

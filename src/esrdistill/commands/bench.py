@@ -13,16 +13,27 @@ Jobs (`--job`):
   in fp32, AdamW at lr 1e-6, gradients clipped at 1.0: the same work whatever the engine or the tool.
 `--engine hf|vllm|both` picks the rollout engine(s); `--force-length` suppresses EOS so that every
 rollout has exactly its length limit (config key `min_new_tokens`).
+
+`--against trl` (equal-work only; TRL installed: `pip install -e ".[trl]"`): TRL's DistillationTrainer runs the same
+job in the same invocation (commands/trl_bench.py, in its own process), interleaved with esrdistill's runs (for
+each N, `--rounds` times: TRL, then esrdistill with each engine), and the report gives per phase the median over
+the measured steps (the first is warm-up) with their spread, each round's ratio to TRL's step of that round, and
+the load average before each run. No figure is divided by one from another invocation.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from esrdistill import build, prompts
+from esrdistill.commands import trl_bench
+from esrdistill.commands.study import commit
 from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.errors import UserError
 from esrdistill.models import locate
@@ -133,38 +144,183 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str = "esr-vs-full", engines: tuple[str, ...] = ("hf",),
-          force_length: bool = False) -> dict:
+def _train(values: dict, label: str, engine: str) -> list[dict]:
+    """One esrdistill run of `values` in its own process; its metrics.jsonl rows."""
+    cfg = load_config(None, values)  # validates before spending minutes
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else ('null' if v is None else v)}" for k, v in values.items()]
+    print(f"[bench] {label}: {cfg.steps} steps of {cfg.batch_size} rollouts of {'exactly' if cfg.min_new_tokens else 'at most'} "
+          f"{cfg.rollout_tokens or cfg.max_new_tokens} tokens ({engine} engine) ...", flush=True)
+    done = subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args])
+    if done.returncode:  # its message is above
+        raise UserError(f"bench: the '{label}' run failed (exit status {done.returncode}; its message is above); "
+                        f"its run directory is {cfg.run_dir}")
+    return read_metrics(cfg.run_dir)
 
+
+def _job_values(job: str, overrides: list[str] | None, out_dir: Path) -> tuple[dict, dict]:
     if job not in JOBS:
         raise ConfigError(f"unknown bench job '{job}': choose one of {', '.join(JOBS)}")
     defaults, variants = JOBS[job]
     user = parse_overrides(overrides or [])
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if job == "equal-work" and "student" not in user:
         user["student"] = layer_subset(defaults["student"], EQUAL_WORK_LAYERS, out_dir / "models" / "smollm2-57m-layers",
                                        user.get("model_cache"))
+    return {**defaults, **user}, variants
+
+
+def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str = "esr-vs-full", engines: tuple[str, ...] = ("hf",),
+          force_length: bool = False) -> dict:
+
+    out_dir = Path(out)
+    base, variants = _job_values(job, overrides, out_dir)
+    user = parse_overrides(overrides or [])
     results = {}
     for engine in engines:
         for name, variant in variants.items():
-            values = {**defaults, **variant, **user, "rollout_engine": engine}
+            values = {**base, **variant, **user, "rollout_engine": engine}
             if force_length:
                 values["min_new_tokens"] = values.get("rollout_tokens") or values.get("max_new_tokens", 1024)
             label = name if len(engines) == 1 else f"{name} {engine}"
             values["run_dir"] = str(out_dir / label.replace(" ", "_"))
-            cfg = load_config(None, values)  # validates before spending minutes
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
-            args = [f"{k}={json.dumps(v) if isinstance(v, dict) else ('null' if v is None else v)}" for k, v in values.items()]
-            print(f"[bench] {label}: {cfg.steps} steps of {cfg.batch_size} rollouts of {'exactly' if cfg.min_new_tokens else 'at most'} "
-                  f"{cfg.rollout_tokens or cfg.max_new_tokens} tokens ({engine} engine) ...", flush=True)
-            done = subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *args])
-            if done.returncode:  # its message is above
-                raise UserError(f"bench: the '{label}' run failed (exit status {done.returncode}; its message is above); "
-                                f"its run directory is {cfg.run_dir}")
-            results[label] = summarise(read_metrics(cfg.run_dir))
+            results[label] = summarise(_train(values, label, engine))
     report = table(results)
     print("\n" + report)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
     (out_dir / "bench.md").write_text(report + "\n")
     return results
+
+
+# ---- side by side with TRL (--against trl) ---------------------------------------------------------------
+
+SIDE_PHASES = (("rollout s", "rollout"), ("teacher s", "teacher"), ("train s", "train"), ("engine sync s", "sync"), ("step s", "step"))
+
+
+def trl_spec(values: dict, n: int) -> dict:
+    """What trl_bench.run needs for one N of the equal-work job: the models, the prompts of the steps it runs (in
+    esrdistill's order: shuffle_prompts is off) as chat messages, and the token ids esrdistill makes of them."""
+    from transformers import AutoTokenizer
+
+    cfg = load_config(None, {**values, "rollout_tokens": n, "min_new_tokens": n})
+    if cfg.shuffle_prompts or cfg.lora_r or cfg.teacher_fewshot or cfg.prompt_template != "{prompt}":
+        raise ConfigError("bench --against trl runs the equal-work job as TRL runs it: shuffle_prompts=false, lora_r=0, "
+                          "no worked examples, prompt_template={prompt}")
+    task = build.task(cfg)
+    style, _ = build.styles(cfg, task)
+    student, teacher = locate(cfg.student, cfg.model_cache), locate(cfg.teacher, cfg.model_cache)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    problems = [task.train[i % len(task.train)] for i in range(cfg.batch_size * cfg.steps)]
+    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    return {"student": student, "teacher": teacher, "n": n, "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "max_grad_norm": cfg.max_grad_norm, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "seed": cfg.seed, "dtype": cfg.dtype, "device": "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and _cuda()) else "cpu",
+            "prompts": [system + [{"role": "user", "content": p.prompt}] for p in problems],
+            "prompt_ids": prompts.encode(tokenizer, problems, style)}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _trl_run(spec: dict, out: Path, label: str) -> list[dict]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = out.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    print(f"[bench] {label}: TRL {trl_bench.trl_version()} DistillationTrainer, {spec['steps']} steps of {spec['batch_size']} "
+          f"rollouts of exactly {spec['n']} tokens ...", flush=True)
+    done = subprocess.run([sys.executable, "-m", "esrdistill.commands.trl_bench", str(spec_path), str(out)])
+    if done.returncode:
+        raise UserError(f"bench: TRL's '{label}' run failed (exit status {done.returncode}; its message is above)")
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def per_phase(rows: list[dict]) -> dict:
+    """Median, min and max over the measured steps (the first left out when there are more) of each phase."""
+    measured = rows[1:] if len(rows) > 1 else rows
+    out = {}
+    for _, phase in SIDE_PHASES:
+        values = [r.get(f"time/{phase}_s", 0.0) for r in measured]
+        out[phase] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    out["steps_measured"] = len(measured)
+    out["tokens"] = statistics.median(r["rollout/tokens"] for r in measured)
+    return out
+
+
+def _span(values: list[float], digits: int = 2) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if abs(high - low) < 10 ** -digits else f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def side_by_side_tables(runs: list[dict], engines: tuple[str, ...]) -> str:
+    """The report: per N, each round's step medians (TRL and each engine) and ratios; then per phase the
+    median over rounds of each run's median, with the spread over steps."""
+    ns = list(dict.fromkeys(r["n"] for r in runs))
+    head = "| N | TRL step s |" + "".join(f" esrdistill {e} step s | ratio |" for e in engines)
+    lines = ["Step seconds (each run's median over its measured steps; a range is over the rounds, the ratio is "
+             "esrdistill's step over TRL's step of the same round):", "", head, "|---|---|" + "---|---|" * len(engines)]
+    for n in ns:
+        rounds = sorted({r["round"] for r in runs if r["n"] == n})
+        step = {(r["tool"], r["round"]): r["phases"]["step"]["median"] for r in runs if r["n"] == n}
+        cells = [_span([step[("trl", k)] for k in rounds])]
+        for e in engines:
+            cells += [_span([step[(e, k)] for k in rounds]), _span([step[(e, k)] / step[("trl", k)] for k in rounds])]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for n in ns:
+        tools = ["trl", *engines]
+        lines += ["", f"N={n}, per phase: median over the rounds of each run's median (in brackets: the fastest and "
+                  "slowest measured step of any round)", "",
+                  "| per step | " + " | ".join("TRL" if t == "trl" else f"esrdistill {t}" for t in tools) + " | "
+                  + " | ".join(f"{e} / TRL" for e in engines) + " |", "|---|" + "---|" * (len(tools) + len(engines))]
+        for label, phase in SIDE_PHASES:
+            mid = {t: statistics.median(r["phases"][phase]["median"] for r in runs if r["n"] == n and r["tool"] == t) for t in tools}
+            low = {t: min(r["phases"][phase]["min"] for r in runs if r["n"] == n and r["tool"] == t) for t in tools}
+            high = {t: max(r["phases"][phase]["max"] for r in runs if r["n"] == n and r["tool"] == t) for t in tools}
+            cells = [f"{mid[t]:.2f} [{low[t]:.2f}-{high[t]:.2f}]" for t in tools]
+            cells += [f"{mid[e] / mid['trl']:.2f}x" if mid["trl"] > 0 else "" for e in engines]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "TRL's teacher phase is its teacher's backbone: TRL projects both LM heads inside its chunked loss, so "
+              "the teacher's LM head falls in TRL's train phase (esrdistill's teacher phase includes the teacher's LM head). "
+              "TRL has no engine sync (it generates with the student itself)."]
+    return "\n".join(lines)
+
+
+def against_trl(overrides: list[str] | None = None, out: str = "runs/bench-trl", engines: tuple[str, ...] = ("hf",),
+                rounds: int = 2, lengths: tuple[int, ...] | None = None, steps: int = 6) -> dict:
+    """`esrdistill bench --job equal-work --against trl`: TRL and esrdistill interleaved on the same job."""
+    version = trl_bench.trl_version()
+    if version is None:
+        raise UserError('bench --against trl needs TRL: pip install -e ".[trl]" (tested with TRL '
+                        + ", ".join(trl_bench.TESTED_TRL) + ")")
+    if rounds < 1 or steps < 2:
+        raise ConfigError(f"bench --against trl needs --rounds >= 1 and steps >= 2 (a warm-up and a measured step), got "
+                          f"--rounds {rounds}, steps={steps}")
+    out_dir = Path(out)
+    user = parse_overrides(overrides or [])
+    base, variants = _job_values("equal-work", overrides, out_dir)
+    base = {**base, "steps": user.get("steps", steps)}
+    ns = lengths or tuple(v["rollout_tokens"] for v in variants.values())
+    specs = {n: trl_spec(base, n) for n in ns}  # every prompt set checked before the first run
+    runs = []
+    for n in ns:
+        for k in range(1, rounds + 1):
+            load = os.getloadavg()[0]
+            rows = _trl_run(specs[n], out_dir / "trl" / f"n{n}_round{k}.jsonl", f"TRL N={n} round {k}")
+            runs.append({"tool": "trl", "n": n, "round": k, "load_before": round(load, 2), "phases": per_phase(rows), "steps": rows})
+            for engine in engines:
+                load = os.getloadavg()[0]
+                values = {**base, "rollout_tokens": n, "min_new_tokens": n, **user, "steps": base["steps"],
+                          "rollout_engine": engine, "run_dir": str(out_dir / f"n{n}_{engine}_round{k}")}
+                rows = _train(values, f"esrdistill {engine} N={n} round {k}", engine)
+                runs.append({"tool": engine, "n": n, "round": k, "load_before": round(load, 2), "phases": per_phase(rows),
+                             "steps": [{key: r[key] for key in r if key.startswith(("time/", "rollout/"))} for r in rows]})
+    loads = [r["load_before"] for r in runs]
+    header = (f"`esrdistill bench --job equal-work --against trl --rounds {rounds}` at {commit()}; TRL {version}; "
+              f"{base['steps']} steps a run (the first is warm-up); load average before the runs {min(loads):.2f}-{max(loads):.2f}.")
+    report = header + "\n\n" + side_by_side_tables(runs, engines)
+    print("\n" + report)
+    (out_dir / "bench-trl.json").write_text(json.dumps({"commit": commit(), "trl": version, "runs": runs}, indent=1))
+    (out_dir / "bench-trl.md").write_text(report + "\n")
+    return {"runs": runs, "report": report}

@@ -38,6 +38,6 @@ def run_eval(cfg, model: str, view: str = "student", progress: bool = True, devi
         longest = max(map(len, prompt_set.student_ids)) + cfg.max_new_tokens
         engine = build.vllm_engine(cfg, models.locate(model, cfg.model_cache), net.dtype, longest, len(tokenizer))
     else:
-        engine = HFEngine(net)
+        engine = HFEngine(net, merge_lora=cfg.hf_merge_lora, decode=cfg.hf_decode)
     return evaluate(engine, tokenizer, prompt_set.student_ids, prompt_set.problems, grade, settings, progress=progress,
                     desc=f"eval {view}")

@@ -32,12 +32,24 @@ from pathlib import Path
 from esrdistill.cli import main as cli_main
 from esrdistill.commands.bench import BENCH_DEFAULTS, summarise, table
 from esrdistill.config import load_config, save_config
+from esrdistill.engines import hf
+from esrdistill.models import add_lora
+from esrdistill.rollout import Sampling
 from esrdistill.tracking import read_metrics
 
 # written by `scripts/gpu_check.sh --prepare` into the checkout, carried with the device call; read from the directory
 # the check runs in (the script runs it from the repository root), so an installed package finds it too
 CARRIED_TOKENIZER = Path(".gpucheck") / "tokenizer"
 SOURCE_NOTE = "SOURCE.txt"  # first line: how to name the vocabulary in the report
+
+
+DECODE_VARIANTS = (  # (label, LoRA adapters on the student, hf_merge_lora, hf_decode)
+    ("no LoRA", False, False, "dynamic"),
+    ("LoRA through the adapters", True, False, "dynamic"),
+    ("LoRA merged", True, True, "dynamic"),
+    ("LoRA merged, static cache", True, True, "static"),
+    ("LoRA merged, compiled (static cache, CUDA graphs)", True, True, "compiled"),
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,8 @@ class Sizes:
     batch_size: int
     micro_batch_size: int
     lora_r: int
+    hf_decode: str  # the arms' hf engine decode (config.hf_decode); the decode table times every mode
+    decode_variants: tuple  # labels of DECODE_VARIANTS the decode table times
     esr_k: int  # ESR's K
     full_tokens: int  # the full rollout's length limit
     steps: int  # per arm; the first is a warm-up, left out of the means
@@ -71,7 +85,8 @@ GPU = Sizes(
     teacher=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
                  tie_word_embeddings=False),
-    batch_size=16, micro_batch_size=4, lora_r=32, esr_k=100, full_tokens=1024, steps=3, prompts=64,
+    batch_size=16, micro_batch_size=4, lora_r=32, hf_decode="compiled", decode_variants=tuple(v[0] for v in DECODE_VARIANTS),
+    esr_k=100, full_tokens=1024, steps=3, prompts=64,
 )
 DRY = Sizes(
     name="dry-run", device="cpu", dtype="float32",
@@ -81,7 +96,8 @@ DRY = Sizes(
     teacher_arch="Qwen3Config",
     teacher=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, max_position_embeddings=2048, tie_word_embeddings=False),
-    batch_size=4, micro_batch_size=2, lora_r=4, esr_k=4, full_tokens=12, steps=2, prompts=8,
+    batch_size=4, micro_batch_size=2, lora_r=4, hf_decode="static",  # compiling on the CPU takes ~25 s: tests/test_rollout.py does it
+    decode_variants=tuple(v[0] for v in DECODE_VARIANTS if v[3] != "compiled"), esr_k=4, full_tokens=12, steps=2, prompts=8,
 )
 
 
@@ -155,6 +171,60 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> None:
             out.write(json.dumps({"question": question, "answer": str((a + b) * price)}) + "\n")
 
 
+# ---- the decode step, engine settings against each other ------------------------------------------
+
+
+
+def decode_step_ms(student_dir: Path, sizes: Sizes, variants=DECODE_VARIANTS, repeats: int = 2) -> list[dict]:
+    """Milliseconds per decode step of the hf engine at the ESR arm's batch size: each variant generates K/8
+    and then K = sizes.esr_k forced tokens (after a warm-up call, which compiles where it compiles), and the step is the
+    difference over the extra tokens, so the prefill cancels. The median of `repeats` pairs."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    short = max(1, sizes.esr_k // 8)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, len(tok)) for _ in range(48 + 8 * (i % 4))] for i in range(sizes.batch_size)]
+    rows = []
+    for label, lora, merge, decode in variants:
+        model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=getattr(torch, sizes.dtype)).to(sizes.device)
+        if lora:
+            model = add_lora(model, sizes.lora_r, 2 * sizes.lora_r, 0.0)
+        eos = (len(tok) + 1,)  # never sampled: every row runs to the limit
+
+        def timed(n: int, model=model, merge=merge, decode=decode) -> float:
+            sampling = Sampling(n, temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=tok.pad_token_id or 0)
+            if sizes.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hf.sample(model, prompts, sampling, seeds=list(range(len(prompts))), merge_lora=merge, decode=decode)
+            if sizes.device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        timed(sizes.esr_k)  # warm-up: compiles the decode step (compiled), sizes the static cache
+        warm = time.perf_counter() - t0
+        ms = [1000 * (timed(sizes.esr_k) - timed(short)) / (sizes.esr_k - short) for _ in range(repeats)]
+        rows.append({"variant": label, "lora": lora, "hf_merge_lora": merge, "hf_decode": decode,
+                     "decode_step_ms": round(statistics.median(ms), 2), "warm_up_s": round(warm, 1)})
+        print(f"[gpu-check] decode step, {label}: {rows[-1]['decode_step_ms']} ms (warm-up {warm:.1f} s)", flush=True)
+        del model
+        gc.collect()
+        if sizes.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_table(rows: list[dict], batch: int) -> str:
+    lines = [f"| decode step, batch {batch} | ms | warm-up s |", "|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['decode_step_ms']} | {r['warm_up_s']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---- the benchmark ----------------------------------------------------------------------------------
 
 def arms(sizes: Sizes) -> dict[str, dict]:
@@ -169,7 +239,7 @@ def arm_values(sizes: Sizes, student: str, teacher: str, prompts: Path, run_dir:
         "eval_prompts": 0, "system_prompt": BENCH_DEFAULTS["system_prompt"], "max_new_tokens": sizes.full_tokens,
         "batch_size": sizes.batch_size, "micro_batch_size": sizes.micro_batch_size, "steps": sizes.steps,
         "lora_r": sizes.lora_r, "lora_alpha": 2 * sizes.lora_r, "lr": 1e-4, "eval_every": 0, "save_every": 0,
-        "merge_lora": False, "device": sizes.device, "dtype": sizes.dtype, "seed": 0, "progress": False,
+        "merge_lora": False, "hf_decode": sizes.hf_decode, "device": sizes.device, "dtype": sizes.dtype, "seed": 0, "progress": False,
         "run_dir": str(run_dir), **variant,
     }
 
@@ -238,6 +308,7 @@ def run(sizes: Sizes, out: Path, work: Path, tokenizer_dir: Path | None, time_li
               f"saved in {time.perf_counter() - t0:.1f} s", flush=True)
     prompts = work / "prompts.jsonl"
     write_prompts(prompts, sizes.prompts)
+    decode = decode_step_ms(work / "student", sizes, [v for v in DECODE_VARIANTS if v[0] in sizes.decode_variants])
 
     # ---- each arm: `esrdistill train` in its own process (ESR first: it predicts the full arm's time) -
     results, failed, wall, steps = {}, {}, {}, {}
@@ -265,7 +336,7 @@ def run(sizes: Sizes, out: Path, work: Path, tokenizer_dir: Path | None, time_li
             shutil.copy(run_dir / "metrics.jsonl", out / f"{label}.metrics.jsonl")
 
     # ---- the report: bench.py's table, a header that says what was run -------------------------------
-    setup = {"sizes": asdict(sizes), "steps": steps, "vocabulary": vocab_label, "parameters": params, "arm_wall_s": wall,
+    setup = {"sizes": asdict(sizes), "steps": steps, "decode": decode, "vocabulary": vocab_label, "parameters": params, "arm_wall_s": wall,
              "failed": failed, **describe_device(sizes.device)}
     where = setup.get("gpu", f"the CPU ({setup.get('cpu_threads')} threads)")
     step_note = (f"{sizes.steps} steps per arm" if len(set(steps.values())) == 1 else
@@ -275,11 +346,12 @@ def run(sizes: Sizes, out: Path, work: Path, tokenizer_dir: Path | None, time_li
              f"{sizes.teacher_arch.removesuffix('Config')}-style, {params['teacher']:,} parameters; both randomly initialised",
              f"- vocabulary: {vocab_label}",
              f"- {sizes.dtype}, LoRA r={sizes.lora_r}, batch {sizes.batch_size} (micro-batches of {sizes.micro_batch_size}), "
-             "hf engine, every rollout forced to its length limit",
+             f"hf engine (hf_decode={sizes.hf_decode}, LoRA merged for the rollouts), every rollout forced to its length limit",
              f"- {step_note}, the first (warm-up) left out of the means; torch {setup['torch']}, "
              f"transformers {setup['transformers']}, peft {setup['peft']}", ""]
     if results:
         lines.append(table(results))
+    lines += ["", decode_table(decode, sizes.batch_size)]
     for label, why in failed.items():
         lines.append(f"\n{label} failed: {why}" + (" (its figures above are from the steps it logged)" if label in results else ""))
     text = "\n".join(lines) + "\n"

@@ -115,6 +115,18 @@ def student_weights(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def keep_threads(threads: int, set_threads) -> None:
+    """Give training back the threads it had before vLLM started in this process.
+
+    vLLM's CPU worker sets the process's torch threads for itself and then replaces `torch.set_num_threads` with a
+    function that only logs a warning, so a plain `torch.set_num_threads(threads)` afterwards does nothing and every
+    later teacher and train phase runs on what vLLM left. `set_threads` is torch's own function, saved before the
+    engine was built: it is called, and put back in place so that later calls work too."""
+    if torch.set_num_threads is not set_threads:
+        torch.set_num_threads = set_threads
+    set_threads(threads)
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     """How the vLLM engine uses its device (build.vllm_settings makes it from the config's vllm_* keys)."""
@@ -153,9 +165,9 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = 2**30  # CPU: 1 GiB unless asked otherwise
         self.sleep_between = settings.sleep and cuda
         self.vocab_size = vocab_size
-        threads = torch.get_num_threads()
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         self.llm = LLM(**kwargs)
-        torch.set_num_threads(threads)  # vLLM's CPU backend drops the process to 1 thread; training needs them all
+        keep_threads(threads, set_threads)
         self.head_rows = self.llm.llm_engine.model_config.get_vocab_size()
         self._asleep = False
 
