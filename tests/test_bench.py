@@ -157,3 +157,23 @@ def test_against_trl_refuses_a_job_trl_does_not_run(tiny_dirs, tmp_path):
     defaults, _ = bench.JOBS["equal-work"]
     with pytest.raises(ConfigError, match="as TRL runs it"):
         bench.trl_spec({**defaults, "student": student, "teacher": teacher, "lora_r": 8}, 4)
+
+
+def test_against_trl_without_trl_names_the_extra(monkeypatch, tmp_path):
+    from esrdistill.commands import trl_bench
+    from esrdistill.errors import UserError
+
+    monkeypatch.setattr(trl_bench, "trl_version", lambda: None)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[trl\]"'):
+        bench.against_trl([], out=str(tmp_path))
+
+
+def test_the_command_line_refuses_against_trl_on_another_job_and_its_options_without_it(capsys):
+    from esrdistill.cli import main
+
+    assert main(["bench", "--against", "trl"]) != 0  # the default job is esr-vs-full
+    assert "--against trl runs the equal-work job" in capsys.readouterr().err
+    assert main(["bench", "--rounds", "3"]) != 0
+    assert "--rounds and --lengths go with --against trl" in capsys.readouterr().err
+    assert main(["bench", "--job", "equal-work", "--against", "trl", "--lengths", "32,x"]) != 0
+    assert "--lengths takes comma-separated token counts" in capsys.readouterr().err

@@ -129,7 +129,16 @@ def test_divergence_metrics_equal_a_position_by_position_reference():
             p, q = student[b, t].exp().tolist(), teacher[b, t].exp().tolist()
             top = max(range(7), key=lambda v: q[v])
             assert abs(float(got["kl/reverse"][b, t]) - sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in range(7))) < 1e-5
+            assert abs(float(got["kl/forward"][b, t]) - sum(q[v] * (math.log(q[v]) - math.log(p[v])) for v in range(7))) < 1e-5
+            assert abs(float(got["student/entropy"][b, t]) + sum(x * math.log(x) for x in p)) < 1e-5
+            assert abs(float(got["teacher/entropy"][b, t]) + sum(x * math.log(x) for x in q)) < 1e-5
             assert float(got["agree/top1"][b, t]) == float(max(range(7), key=lambda v: p[v]) == top)
             assert abs(float(got["agree/teacher_top1_prob"][b, t]) - p[top]) < 1e-6
             assert float(got["agree/teacher_top1_missed"][b, t]) == float(q[top] >= 0.5 and p[top] < 0.01)
     assert float(got["agree/teacher_top1_missed"][0, 1]) == 1.0
+    # the loss's own KL, handed over, is what is logged; the rest is unchanged
+    from esrdistill import losses
+
+    reused = divergence_metrics(student, teacher, mask, losses.reverse_kl(student, teacher, mask),
+                                losses.forward_kl(student, teacher, mask))
+    assert all(torch.allclose(reused[k], got[k], atol=1e-6) for k in got)

@@ -168,8 +168,8 @@ class CrossTokenizer:
             rest = losses.uld(student_logp.exp()[..., self.student_unmapped],
                               scores.extra["teacher_full"].exp()[..., self.teacher_unmapped], mask)
             per_token = matched + self.xtok.uld_weight * rest
-        reuse = matched if (matched is not None and s.loss == "reverse_kl") else None
-        metrics = divergence_metrics(student_units, scores.logp, mask, reuse)
+        metrics = divergence_metrics(student_units, scores.logp, mask, matched if s.loss == "reverse_kl" else None,
+                                     matched if s.loss == "forward_kl" else None)
         counted = mask.bool()
         metrics["xtok/student_mapped_mass"] = torch.where(counted, student_mass.detach(), 0.0)
         metrics["xtok/teacher_mapped_mass"] = torch.where(counted, scores.extra["teacher_mass"], 0.0)

@@ -48,23 +48,32 @@ def score(
 
 
 def divergence_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
-                       reverse_kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       reverse_kl: torch.Tensor | None = None, forward_kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-position metrics of two distributions over the same space, (b, T) each, zero where masked.
-    `reverse_kl`, when the loss already computed it, is reused rather than computed again."""
+    `reverse_kl` / `forward_kl`, when the loss already computed it, is reused rather than computed again.
+
+    Every full-vocabulary pass is made once: each side's probabilities once, its negative entropy sum(p log p) once,
+    and a KL the loss did not give as that negative entropy minus the cross term, KL(a||b) = sum(a log a) -
+    sum(a log b). On an 8 x 32 x 49,152 step that is 5 passes over the vocabulary instead of 9 (the figures are in
+    docs/how-it-works.md)."""
     counted = mask.bool()
     with torch.no_grad():
+        student_logp, teacher_logp = student_logp.detach(), teacher_logp.detach()
+        student_p, teacher_p = student_logp.exp(), teacher_logp.exp()
+        student_neg_entropy = (student_p * student_logp).sum(-1)
+        teacher_neg_entropy = (teacher_p * teacher_logp).sum(-1)
         if reverse_kl is None:
-            reverse_kl = losses.reverse_kl(student_logp, teacher_logp, mask)
-        student_logp = student_logp.detach()
+            reverse_kl = losses._masked(student_neg_entropy - (student_p * teacher_logp).sum(-1), mask)
+        if forward_kl is None:
+            forward_kl = losses._masked(teacher_neg_entropy - (teacher_p * student_logp).sum(-1), mask)
         teacher_top1 = teacher_logp.max(-1)  # (b, T) values and indices
         top1_prob = student_logp.gather(-1, teacher_top1.indices.unsqueeze(-1)).squeeze(-1).exp()
-        entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
         return {
             "kl/reverse": reverse_kl.detach(),
-            "kl/forward": losses.forward_kl(student_logp, teacher_logp, mask),
-            "teacher/entropy": torch.where(counted, entropy, 0.0),
-            "student/entropy": torch.where(counted, -(student_logp.exp() * student_logp).sum(-1), 0.0),
-            "agree/top1": ((student_logp.argmax(-1) == teacher_logp.argmax(-1)) & counted).float(),
+            "kl/forward": forward_kl.detach(),
+            "teacher/entropy": torch.where(counted, -teacher_neg_entropy, 0.0),
+            "student/entropy": torch.where(counted, -student_neg_entropy, 0.0),
+            "agree/top1": ((student_logp.argmax(-1) == teacher_top1.indices) & counted).float(),
             # The student's probability of the teacher's top-1 token, and where the teacher is sure
             # (>= 50%) of a token the student gives < 1%: there the reverse KL's gradient pulls toward
             # the teacher's choice in proportion to that tiny probability (d KL / d z_v = p_v (r_v - KL)),
@@ -110,7 +119,8 @@ class SameTokenizer:
         s = self.settings
         mask = scores.mask
         per_token = losses.per_token_loss(s.loss, student_logp, scores.logp, tokens, mask, s.jsd_beta, s.temperature, s.top_p)
-        metrics = divergence_metrics(student_logp, scores.logp, mask, per_token if s.loss == "reverse_kl" else None)
+        metrics = divergence_metrics(student_logp, scores.logp, mask, per_token if s.loss == "reverse_kl" else None,
+                                     per_token if s.loss == "forward_kl" else None)
         with torch.no_grad():
             metrics["kl/sampled"] = losses.sampled_kl(losses.token_logp(student_logp, tokens),
                                                       losses.token_logp(scores.logp, tokens), mask)
