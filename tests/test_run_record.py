@@ -3,6 +3,8 @@ run will need is checked before its first step, and a kill at any point between 
 and its checkpoint resumes to the same rows and weights as an uninterrupted run."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -15,7 +17,7 @@ from esrdistill.errors import UserError
 from esrdistill.train import train
 from helpers import tiny_overrides
 
-MISSING = ("vllm", "torch.utils.tensorboard", "wandb")
+MISSING = ("vllm", "torch.utils.tensorboard", "wandb", "trackio")
 
 
 def _args(values: dict) -> list[str]:
@@ -23,7 +25,7 @@ def _args(values: dict) -> list[str]:
 
 
 def _hide_packages(monkeypatch):
-    """vLLM, TensorBoard and wandb not installed: importing them fails as it would then."""
+    """vLLM, TensorBoard, wandb and trackio not installed: importing them fails as it would then."""
     for name in MISSING:
         monkeypatch.setitem(sys.modules, name, None)
 
@@ -34,7 +36,7 @@ def _files(run) -> dict:
 
 # ---- a run that cannot start leaves the directory as it was ---------------------------------------------
 
-@pytest.mark.parametrize("needs", ["rollout_engine=vllm", "eval_engine=vllm", "tensorboard=true", "wandb=true"])
+@pytest.mark.parametrize("needs", ["rollout_engine=vllm", "eval_engine=vllm", "tensorboard=true", "wandb=true", "trackio=true"])
 def test_a_resume_that_needs_a_missing_package_stops_before_touching_the_run(tiny_dirs, tmp_path, monkeypatch, capsys, needs):
     student, teacher = tiny_dirs
     run = tmp_path / "run"
@@ -148,3 +150,25 @@ def test_a_kill_around_a_checkpoint_loses_no_row(tiny_dirs, tmp_path, monkeypatc
     a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(killed / "final").state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow  # two training runs in their own processes, then trackio's local store read back
+def test_trackio_holds_the_numbers_of_metrics_jsonl_and_a_resume_continues_its_run(tiny_dirs, tmp_path):
+    pytest.importorskip("trackio")
+    student, teacher = tiny_dirs
+    run = tmp_path / "run"
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "store")}  # the real package, its local store, no network
+    values = tiny_overrides(student, teacher, run, steps=1, save_every=1, trackio=True, trackio_project="p", trackio_run="r")
+    for extra in ({}, {"resume": True, "steps": 2}):
+        done = subprocess.run([sys.executable, "-m", "esrdistill.cli", "train", *_args({**values, **extra})], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    read = subprocess.run([sys.executable, "-c", "import json; from trackio.sqlite_storage import SQLiteStorage; "
+                           "print(json.dumps(SQLiteStorage.get_logs('p', 'r'), default=str))"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    logs = json.loads(read.stdout.strip().splitlines()[-1])
+    rows = tracking.read_metrics(run)
+    assert [log["step"] for log in logs] == [row["step"] for row in rows] == [1, 2]  # one trackio run, resumed
+    for log, row in zip(logs, rows):
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        assert numbers and {k: log[k] for k in numbers} == pytest.approx(numbers)

@@ -286,14 +286,14 @@ def eval_engine_kind(cfg: Config) -> str:
 
 def check_available(cfg: Config) -> None:
     """Import now what a training run will need later (vLLM for its rollouts or its evaluations,
-    TensorBoard, wandb), and ask every served teacher's server whether it answers (and with its tokenizer:
+    TensorBoard, wandb, trackio), and ask every served teacher's server whether it answers (and with its tokenizer:
     check_served), so that a missing package or server stops it before any model loads or anything is
     written or trained."""
     evaluates = cfg.eval_every > 0 and cfg.eval_prompts > 0
     for key, kind in (("rollout_engine", cfg.rollout_engine), ("eval_engine", eval_engine_kind(cfg) if evaluates else "hf")):
         if kind == "vllm":
             import_vllm(f"{key}=vllm")
-    check_loggers(cfg.tensorboard, cfg.wandb)
+    check_loggers(cfg.tensorboard, cfg.wandb, cfg.trackio)
     check_served(cfg)
 
 

@@ -147,6 +147,9 @@ class Config:
     final_dtype: str = "auto"  # dtype of final/: auto (= dtype) | float32 (keeps updates bf16 full fine-tuning rounds away) | bfloat16 | float16
     tensorboard: bool = False  # also write TensorBoard events to run_dir/tb (`pip install tensorboard`)
     wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
+    trackio: bool = False  # also log to trackio, its local store ($TRACKIO_DIR, else ~/.cache/huggingface/trackio; `pip install trackio`)
+    trackio_project: str = "esrdistill"  # trackio=true: the project the run logs to
+    trackio_run: Optional[str] = None  # trackio=true: the run's name; null = the run directory's name
     progress: bool = True  # show progress bars
 
 

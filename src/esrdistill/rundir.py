@@ -113,7 +113,8 @@ def open_record(cfg: Config, run_dir: Path, start_step: int, is_main: bool, say)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         trim_metrics(run_dir, start_step, say)
-    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb)
+    trackio = (cfg.trackio_project, cfg.trackio_run or run_dir.resolve().name, cfg.resume) if cfg.trackio else None
+    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb, trackio)
     save_config(cfg, run_dir / "config.yaml")
     for m in read_metrics(run_dir):  # evaluations before a resume still count
         if m.get("eval/accuracy", -1.0) > best["accuracy"]:

@@ -1,4 +1,4 @@
-"""Metrics: one JSON object per step in metrics.jsonl, optionally TensorBoard and wandb; timers and
+"""Metrics: one JSON object per step in metrics.jsonl, optionally TensorBoard, wandb and trackio; timers and
 memory readings for the per-phase figures."""
 
 from __future__ import annotations
@@ -78,26 +78,45 @@ def _wandb():
     return wandb
 
 
-def check_loggers(tensorboard: bool, wandb: bool) -> None:
+def _trackio():
+    try:
+        import trackio
+    except ImportError as err:
+        raise UserError(f"trackio=true needs the trackio package: `pip install trackio`, or set trackio=false ({err})") from None
+    return trackio
+
+
+def check_loggers(tensorboard: bool, wandb: bool, trackio: bool = False) -> None:
     """Raise a UserError now, before a run starts, when a logger it asks for is not installed."""
     if tensorboard:
         _summary_writer()
     if wandb:
         _wandb()
+    if trackio:
+        _trackio()
 
 
 class MetricsLogger:
     """Appends one JSON line per call to run_dir/metrics.jsonl (flushed at once), and mirrors the
-    numbers to TensorBoard and wandb when asked. Neither of those needs a network: wandb runs
-    offline unless WANDB_MODE is set. They start first: when one fails, metrics.jsonl is not created."""
+    numbers to TensorBoard, wandb and trackio when asked. None of those needs a network: wandb runs
+    offline unless WANDB_MODE is set, trackio writes its local store unless TRACKIO_SPACE_ID or
+    TRACKIO_SERVER_URL says otherwise. They start first: when one fails, metrics.jsonl is not created.
 
-    def __init__(self, run_dir: str | Path, config: dict, tensorboard: bool = False, wandb: bool = False) -> None:
+    trackio: (project, run name, resuming) or None; a resumed run continues the trackio run of that name."""
+
+    def __init__(self, run_dir: str | Path, config: dict, tensorboard: bool = False, wandb: bool = False,
+                 trackio: tuple[str, str, bool] | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = _summary_writer()(str(Path(run_dir) / "tb")) if tensorboard else None
         self._wandb = None
         if wandb:
             os.environ.setdefault("WANDB_MODE", "offline")
             self._wandb = _wandb().init(project="esrdistill", dir=str(run_dir), config=config)
+        self._trackio = None
+        if trackio is not None:
+            project, name, resuming = trackio
+            self._trackio = _trackio().init(project=project, name=name, config=config, resume="allow" if resuming else "never",
+                                            embed=False, auto_log_gpu=False, auto_log_cpu=False)
         self._file = self.path.open("a")
 
     def log(self, step: int, metrics: dict) -> None:
@@ -110,6 +129,8 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
+        if self._trackio is not None:
+            self._trackio.log(numbers, step=step)
 
     def close(self) -> None:
         self._file.close()
@@ -117,6 +138,8 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._trackio is not None:
+            self._trackio.finish()
 
 
 class MetricsError(UserError):
