@@ -94,7 +94,7 @@ def test_the_gpu_setting_is_the_one_asked_for():
         lengths[label] = (cfg.rollout_tokens or cfg.max_new_tokens, cfg.min_new_tokens)
     assert lengths == {"esr_k100": (100, 100), "full_1024": (1024, 1024)}  # every rollout forced to its length
     assert cfg.hf_decode == "compiled" and cfg.hf_merge_lora  # the fast path the GPU times
-    from esrdistill.commands.gpu_check import DECODE_VARIANTS
+    from esrdistill.commands.decode_timing import DECODE_VARIANTS
 
     assert GPU.decode_variants == tuple(v[0] for v in DECODE_VARIANTS)  # with and without LoRA, merging, compiling
 

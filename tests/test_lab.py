@@ -85,6 +85,24 @@ def test_claims_read_the_arms_they_name():
     assert [name for name, _ in arms(grid)] == ["full", "esr_k16", "progressive_1-16", "prefix_mask", "top_reverse_kl"]
 
 
+def test_the_full_grid_has_an_adaptive_and_soft_weight_arms_and_their_claims():
+    from esrdistill.commands.lab_repro import Grid
+    from esrdistill.config import make_config
+
+    grid = Grid()
+    named = dict(arms(grid))
+    assert named["adaptive"] == {"rollout_tokens": "adaptive", "rollout_tokens_min": 16}
+    assert named["full_iw_opd"] == {"rollout_tokens": None, "token_weight": "iw_opd"} and "full_decay" in named
+    for values in named.values():
+        make_config(values)
+    rows = [_row("full", [0.2, 0.2]), _row(f"esr_k{grid.k}", [0.5, 0.5]), _row("adaptive", [0.49, 0.51]),
+            _row("full_iw_opd", [0.6, 0.6])]
+    found = {c["claim"]: c for c in claims(rows, grid, None, None, {})}
+    assert found["A K that adapts during training (rollout_tokens=adaptive)"]["verdict"] == "same as fixed"
+    assert found["Soft token weights on full rollouts (token_weight=iw_opd)"]["verdict"] == "better than unweighted"
+    assert "Soft token weights on full rollouts (token_weight=decay)" not in found  # not run: no claim
+
+
 @pytest.mark.slow  # the lab end to end
 def test_lab_repro_quick_end_to_end(tmp_path):
     """The whole pipeline on seconds-trained models: models, every arm with two seeds, diagnostics, claims, report."""

@@ -110,9 +110,13 @@ def _worker_pid(run_dir, rank: int, timeout: float = 60) -> int:
 
 def test_ctrl_c_on_one_process_stops_both_after_the_same_step_and_resumes_exactly(tiny_dirs, tmp_path):
     """SIGINT reaches process 1 only: both processes still stop after the same step (the flag is shared),
-    one checkpoint is written, and resuming ends exactly where an uninterrupted 2-process run ends."""
+    one checkpoint is written, and resuming ends exactly where an uninterrupted 2-process run ends. K adapts
+    (rollout_tokens=adaptive): every process computes it from the same reduced figures, and the resumed processes
+    recompute it from metrics.jsonl; the loss carries IW-OPD's soft weights (token_weight=iw_opd)."""
     student, teacher = tiny_dirs
-    common = dict(steps=16, lora_r=4, lr=1e-2, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=0)
+    common = dict(steps=16, lora_r=4, lr=1e-2, temperature=1e-4, batch_size=4, micro_batch_size=2, save_every=0,
+                  rollout_tokens="adaptive", rollout_tokens_min=3, adaptive_patience=1, adaptive_kl_drop=0.99,
+                  token_weight="iw_opd")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = launch_two(tiny_overrides(student, teacher, straight, **common))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,6 +130,7 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step_and_resumes_exactl
     assert [m["step"] for m in tracking.read_metrics(resumed)] == list(range(1, 17))
     assert [m["loss"] for m in tracking.read_metrics(resumed)] == pytest.approx(
         [m["loss"] for m in tracking.read_metrics(straight)], rel=1e-6)
+    assert [m["rollout/k"] for m in tracking.read_metrics(resumed)] == [m["rollout/k"] for m in tracking.read_metrics(straight)]
 
 
 def test_a_user_error_on_one_process_stops_both_with_one_message(tiny_dirs, tmp_path):

@@ -82,6 +82,13 @@ def test_the_shipped_studies_load_and_every_arm_is_a_valid_config(tmp_path):
         assert kinds == {True, False}  # ESR and full rollouts side by side
 
 
+def test_a_setting_added_at_its_default_keeps_a_records_key():
+    plain = load_config(None, {"steps": 3})
+    assert study_mod.config_key(plain) == study_mod.config_key(load_config(None, {"steps": 3, "token_weight": "none"}))
+    assert study_mod.config_key(plain) != study_mod.config_key(load_config(None, {"steps": 3, "token_weight": "decay"}))
+    assert study_mod.config_key(plain) != study_mod.config_key(load_config(None, {"steps": 4}))
+
+
 @pytest.mark.parametrize("text, message", [
     ("config: {steps: 2}\narms: {a: {}}\nseeds: [0]\nextra: 1\n", "unknown keys extra"),
     ("config: {steps: 2}\narms: {}\nseeds: [0]\n", "'arms' must be a non-empty dict"),

@@ -122,15 +122,16 @@ def test_vllm_never_samples_past_the_vocabulary(tmp_path):
 
 
 def test_train_with_vllm_rollouts_resumes_exactly(vllm_dirs, tmp_path, monkeypatch):
-    """Two steps, interrupted after the first and resumed, end with the same weights as an uninterrupted
-    run: bit for bit on CPU (per-row seeds; the resumed engine gets the checkpoint's weights)."""
+    """Three steps, interrupted after the first and resumed, end with the same weights as an uninterrupted
+    run: bit for bit on CPU (per-row seeds; the resumed engine gets the checkpoint's weights), with an adaptive K."""
     from transformers import AutoModelForCausalLM
 
     from esrdistill.config import make_config
     from esrdistill.train import train
 
     student, teacher = vllm_dirs
-    common = dict(steps=3, lora_r=4, lr=1e-2, temperature=1.0, rollout_engine="vllm", vllm_kv_cache_gb=0.25, eval_every=3)
+    common = dict(steps=3, lora_r=4, lr=1e-2, temperature=1.0, rollout_engine="vllm", vllm_kv_cache_gb=0.25, eval_every=3,
+                  rollout_tokens="adaptive", rollout_tokens_min=4, adaptive_patience=1, adaptive_kl_drop=0.99)  # K adapts too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(make_config(tiny_overrides(student, teacher, straight, **common)))
     metrics = tracking.read_metrics(straight)
@@ -142,6 +143,7 @@ def test_train_with_vllm_rollouts_resumes_exactly(vllm_dirs, tmp_path, monkeypat
     b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in tracking.read_metrics(resumed)] == [m["loss"] for m in metrics]
+    assert [m["rollout/k"] for m in tracking.read_metrics(resumed)] == [m["rollout/k"] for m in metrics]
 
 
 def test_asking_for_vllm_without_it_names_the_install(monkeypatch):

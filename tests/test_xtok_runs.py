@@ -46,6 +46,23 @@ def test_train_two_steps_across_tokenizers_writes_the_xtok_metrics(cross_dirs, t
     assert "tokenizers: cross-tokenizer distillation (they differ" in capsys.readouterr().out
 
 
+def test_adaptive_k_and_soft_weights_train_across_tokenizers(cross_dirs, tmp_path):
+    from esrdistill import horizon
+    from esrdistill.config import make_config
+    from esrdistill.train import train
+
+    student, teacher = cross_dirs
+    run = tmp_path / "run"
+    train(make_config(tiny_overrides(student, teacher, run, steps=3, teacher_fewshot=2, rollout_tokens="adaptive",
+                                     rollout_tokens_min=4, adaptive_patience=1, adaptive_kl_drop=0.99,
+                                     token_weight="iw_opd_kl")))
+    metrics = tracking.read_metrics(run)
+    history = horizon.history(metrics, 3)
+    rule = horizon.Adaptive(k_min=4, k_max=12, kl_drop=0.99, patience=1)
+    assert [k for k, _ in history] == [horizon.adaptive_k(history[:s], rule) for s in range(3)]
+    assert all(1 <= m["weight/max_mean"] <= 1.5 and math.isfinite(m["loss"]) for m in metrics)
+
+
 def test_cross_tokenizer_off_keeps_the_clear_error_and_on_forces_the_path(cross_dirs, tiny_dirs, tmp_path, capsys):
     student, teacher = cross_dirs
     values = tiny_overrides(student, teacher, tmp_path / "off", steps=1, cross_tokenizer="off")
@@ -62,11 +79,13 @@ def test_cross_tokenizer_off_keeps_the_clear_error_and_on_forces_the_path(cross_
 
 def test_losses_that_make_no_sense_across_tokenizers_are_clear_errors(cross_dirs, tmp_path, capsys):
     student, teacher = cross_dirs
-    for extra, message in (({"loss": "sampled"}, "loss=sampled needs the teacher's probability"),
-                           ({"xtok_loss": "uld", "loss": "forward_kl"}, "xtok_loss=uld compares sorted probabilities")):
+    for extra, message, code in (({"loss": "sampled"}, "loss=sampled needs the teacher's probability", 1),
+                                 ({"token_weight": "iw_opd"}, "config error: token_weight=iw_opd reads each sampled "
+                                                              "token's log-prob", 2),
+                                 ({"xtok_loss": "uld", "loss": "forward_kl"}, "xtok_loss=uld compares sorted probabilities", 1)):
         values = tiny_overrides(student, teacher, tmp_path / extra.get("loss", "x"), steps=1, **extra)
         args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
-        assert cli.main(["train", *args]) == 1
+        assert cli.main(["train", *args]) == code
         assert message in capsys.readouterr().err
 
 

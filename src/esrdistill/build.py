@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from esrdistill import models, prompts, rollout, routing
+from esrdistill import models, prompts, rollout, routing, weighting
 from esrdistill.config import Config, ConfigError, is_served
 from esrdistill.data import Task, load_task
 from esrdistill.engines.hf import HFEngine
@@ -23,9 +23,10 @@ from esrdistill.engines.protocol import Engine
 from esrdistill.engines.vllm import VLLMEngine, VLLMSettings, import_vllm
 from esrdistill.evaluate import EvalSettings
 from esrdistill.grading import make_grader
+from esrdistill.horizon import Adaptive
 from esrdistill.packaged import is_packaged, resolve
 from esrdistill.teachers.cross import CrossTokenizer, XtokSettings
-from esrdistill.teachers.protocol import LossSettings, Teacher
+from esrdistill.teachers.protocol import STAT_KEYS, LossSettings, Teacher
 from esrdistill.teachers.routed import Routed, TeacherPrompt, on_device
 from esrdistill.teachers.same import SameTokenizer
 from esrdistill.teachers.served import Client, ServedSettings, ServedTeacher, base_url, check_server
@@ -36,16 +37,24 @@ def rollout_length(cfg: Config) -> int:
     """How many tokens a training rollout may have.
 
     ESR: generation stops after K = rollout_tokens tokens; a full rollout (rollout_tokens=None)
-    runs to max_new_tokens.
+    runs to max_new_tokens, and so may an adaptive K (its largest).
     """
     if cfg.rollout_tokens == "auto":
         raise ValueError("rollout_tokens=auto is resolved by train() before the rollout length is asked for")
-    return cfg.rollout_tokens if cfg.rollout_tokens is not None else cfg.max_new_tokens
+    return cfg.rollout_tokens if isinstance(cfg.rollout_tokens, int) else cfg.max_new_tokens
 
 
 def rollout_length_key(cfg: Config) -> str:
     """The setting that gives the rollout length (for messages)."""
-    return "rollout_tokens" if cfg.rollout_tokens is not None else "max_new_tokens"
+    return "rollout_tokens" if isinstance(cfg.rollout_tokens, int) else "max_new_tokens"
+
+
+def adaptive(cfg: Config) -> Adaptive | None:
+    """rollout_tokens=adaptive's rule (horizon.py), None for any other K."""
+    if cfg.rollout_tokens != "adaptive":
+        return None
+    return Adaptive(k_min=cfg.rollout_tokens_min, k_max=cfg.max_new_tokens, kl_drop=cfg.adaptive_kl_drop,
+                    patience=cfg.adaptive_patience, growth=cfg.adaptive_growth)
 
 
 def prepare_models(cfg: Config) -> None:
@@ -226,10 +235,11 @@ def served_settings(cfg: Config) -> ServedSettings:
 
 
 def loss_settings(cfg: Config) -> LossSettings:
-    """The loss and the token selection: what the teacher compares with and the loss reduces with."""
+    """The loss, the token selection and the token weights: what the teacher compares with and the loss reduces with."""
     return LossSettings(loss=cfg.loss, jsd_beta=cfg.jsd_beta, temperature=cfg.temperature, top_p=cfg.top_p,
                         loss_norm=cfg.loss_norm, loss_chunk=cfg.loss_chunk, token_select=cfg.token_select,
-                        select_tokens=cfg.select_tokens)
+                        select_tokens=cfg.select_tokens, token_weight=cfg.token_weight,
+                        token_weight_gamma=cfg.token_weight_gamma, token_weight_decay=cfg.token_weight_decay)
 
 
 def xtok_settings(cfg: Config) -> XtokSettings:
@@ -252,13 +262,25 @@ def teacher(cfg: Config, pair: Pair, prompts: list[list[int]] | None = None) -> 
         return routed_teacher(cfg, pair, prompts)
     settings = loss_settings(cfg)
     if pair.served is not None:
-        return ServedTeacher(Client(served_settings(cfg), pair.served, pair.vocab_size, pair.appended), settings, pair.device)
+        return weighable(cfg, ServedTeacher(Client(served_settings(cfg), pair.served, pair.vocab_size, pair.appended),
+                                            settings, pair.device))
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
     prefix = rollout.PrefixCache(pair.teacher, prompts) if cfg.teacher_prefix_cache and prompts else None
     if not pair.cross:
-        return SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings, prefix)
-    return CrossTokenizer(pair.teacher, pair.tokenizer, pair.teacher_tokenizer, pair.eos_ids, pair.teacher_eos_ids, micro,
-                          settings, xtok_settings(cfg), prefix)
+        return weighable(cfg, SameTokenizer(pair.teacher, pair.tokenizer.pad_token_id, pair.vocab_size, micro, settings, prefix))
+    return weighable(cfg, CrossTokenizer(pair.teacher, pair.tokenizer, pair.teacher_tokenizer, pair.eos_ids,
+                                         pair.teacher_eos_ids, micro, settings, xtok_settings(cfg), prefix))
+
+
+def weighable(cfg: Config, scorer: Teacher, name: str = "") -> Teacher:
+    """`scorer`, once it is known to report the per-token statistic cfg.token_weight reads (weighting.SIGNALS)."""
+    key = STAT_KEYS.get(weighting.SIGNALS.get(cfg.token_weight, ""))
+    if key is not None and key not in scorer.metric_keys:
+        who = f"teacher {name} ({scorer.kind})" if name else f"a {scorer.kind} teacher"
+        raise ConfigError(f"token_weight={cfg.token_weight} reads each sampled token's log-prob under the teacher, which "
+                          f"{who} does not give (across tokenizers the student's token has no teacher token): use "
+                          "token_weight=iw_opd_kl, the same weight from the per-position reverse KL")
+    return scorer
 
 
 def engine(cfg: Config, pair: Pair, student, max_model_len: int, kind: str | None = None) -> Engine:
@@ -424,5 +446,5 @@ def routed_teacher(cfg: Config, pair: Pair, prompts: list | None = None) -> Rout
         if cfg.teacher_offload and sub.teacher is not None:  # its prefix cache and vocabulary map are made on the device
             offload[name] = (sub.teacher, sub.device)
         with on_device(*offload[name]) if name in offload else nullcontext():
-            out[name] = teacher(view, sub, mine or None)
-    return Routed(out, offload, signals=cfg.token_select != "prefix")
+            out[name] = weighable(cfg, teacher(view, sub, mine or None), name)
+    return Routed(out, offload, signals=cfg.token_select != "prefix" or cfg.token_weight in weighting.SIGNALS)

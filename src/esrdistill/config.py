@@ -29,6 +29,7 @@ ENGINES = ("hf", "vllm")
 HF_DECODES = ("dynamic", "static", "compiled")  # engines.hf.DECODES (config imports no engine)
 SELECT_RULES = ("prefix", "prefix_mask", "random", "middle", "last", "top_reverse_kl", "top_forward_kl", "top_teacher_entropy",
                 "top_student_entropy", "kl_x_student_entropy", "teacher_x_student_entropy", "kl_x_teacher_x_student_entropy")
+WEIGHT_RULES = ("none", "decay", "iw_opd", "iw_opd_kl")  # weighting.RULES
 XTOK_LOSSES = ("matched_kl", "uld", "hybrid")
 XTOK_ALIGN = ("start", "middle")
 SERVED_LOSSES = ("tail", "renorm")
@@ -94,13 +95,20 @@ class Config:
     vllm_kv_cache_gb: Optional[float] = None  # vllm: KV-cache size in GiB; null = 1 on CPU, vLLM's own sizing on CUDA
     vllm_sleep: bool = False  # vllm on CUDA: free the engine's memory during the teacher and train phases
     vllm_compile: bool = False  # vllm: torch.compile / CUDA graphs (faster generation, minutes to start); false = eager
-    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout; auto = the diagnostics' K
+    rollout_tokens: Optional[int] = 100  # ESR's K: generate only this many tokens; null = full rollout; auto = the diagnostics' K; adaptive = chosen during training (docs/selection.md)
     rollout_tokens_schedule: str = "fixed"  # fixed | progressive (K grows linearly from rollout_tokens_start over schedule_steps)
     rollout_tokens_start: int = 1  # progressive schedule: K at the first step
     schedule_steps: Optional[int] = None  # progressive schedule: steps to reach rollout_tokens; null = all the steps
     auto_k_problems: int = 16  # rollout_tokens=auto: held-out problems the diagnostics use to choose K
+    rollout_tokens_min: int = 16  # rollout_tokens=adaptive: K at the first step (K grows from there, up to max_new_tokens)
+    adaptive_kl_drop: float = 0.5  # rollout_tokens=adaptive: a step is learned when the window tail's reverse KL <= this x its value when K was set
+    adaptive_patience: int = 2  # rollout_tokens=adaptive: learned steps in a row before K grows
+    adaptive_growth: float = 2.0  # rollout_tokens=adaptive: K -> ceil(K x this) when it grows
     token_select: str = "prefix"  # prefix (ESR: generation stops at K) | on full rollouts: prefix_mask, random, middle, last, top_reverse_kl, ... (docs/selection.md)
     select_tokens: int = 100  # token_select other than prefix: tokens per trajectory that carry the loss
+    token_weight: str = "none"  # none | decay | iw_opd | iw_opd_kl: soft weights of the tokens that carry the loss (docs/selection.md)
+    token_weight_gamma: float = 0.5  # iw_opd, iw_opd_kl: an early token weighs up to 1 + gamma, the last about 1
+    token_weight_decay: float = 0.99  # decay: the weight of position t is decay**t (then each row rescaled to mean 1)
     max_new_tokens: int = 1024  # length limit of a full rollout (rollout_tokens=null) and of evaluation
     min_new_tokens: int = 0  # rollouts: EOS is held back before this many tokens (benchmarks force equal lengths); 0 = off
     temperature: float = 0.7  # sampling temperature of rollouts
@@ -159,8 +167,8 @@ _HINTS = typing.get_type_hints(Config)
 
 def _coerce(key: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the type of field `key`, or raise ConfigError."""
-    if key == "rollout_tokens" and isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"  # chosen by the diagnostics before training
+    if key == "rollout_tokens" and isinstance(value, str) and value.strip().lower() in ("auto", "adaptive"):
+        return value.strip().lower()  # auto: chosen by the diagnostics before training; adaptive: during it (horizon.py)
     hint = _HINTS[key]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -238,8 +246,16 @@ def validate(cfg: Config) -> Config:
 
     for name in ("student", "teacher", "dataset"):
         need(bool(getattr(cfg, name).strip()), f"{name} is missing: give a local directory, a hub id or packaged:NAME")
-    need(cfg.rollout_tokens is None or cfg.rollout_tokens == "auto" or cfg.rollout_tokens > 0,
-         f"rollout_tokens must be > 0, null (full rollout) or auto, got {cfg.rollout_tokens}")
+    need(cfg.rollout_tokens is None or cfg.rollout_tokens in ("auto", "adaptive") or cfg.rollout_tokens > 0,
+         f"rollout_tokens must be > 0, null (full rollout), auto or adaptive, got {cfg.rollout_tokens}")
+    if cfg.rollout_tokens == "adaptive":
+        need(cfg.rollout_tokens_schedule == "fixed", "rollout_tokens=adaptive chooses K itself: leave "
+                                                     "rollout_tokens_schedule=fixed")
+        need(1 <= cfg.rollout_tokens_min <= cfg.max_new_tokens,
+             f"rollout_tokens_min must be between 1 and max_new_tokens={cfg.max_new_tokens}, got {cfg.rollout_tokens_min}")
+        need(0 < cfg.adaptive_kl_drop < 1, f"adaptive_kl_drop must be strictly between 0 and 1, got {cfg.adaptive_kl_drop}")
+        need(cfg.adaptive_patience >= 1, f"adaptive_patience must be >= 1, got {cfg.adaptive_patience}")
+        need(cfg.adaptive_growth > 1, f"adaptive_growth must be > 1, got {cfg.adaptive_growth}")
     need(cfg.rollout_tokens_schedule in ("fixed", "progressive"),
          f"rollout_tokens_schedule must be fixed or progressive, got '{cfg.rollout_tokens_schedule}'")
     need(cfg.rollout_tokens_start >= 1, f"rollout_tokens_start must be >= 1, got {cfg.rollout_tokens_start}")
@@ -254,6 +270,9 @@ def validate(cfg: Config) -> Config:
          f"token_select={cfg.token_select} picks tokens of full rollouts: set rollout_tokens=null (and the budget with "
          "select_tokens); token_select=prefix is ESR itself, where generation stops at K")
     need(cfg.select_tokens >= 1, f"select_tokens must be >= 1, got {cfg.select_tokens}")
+    need(cfg.token_weight in WEIGHT_RULES, f"token_weight must be one of {', '.join(WEIGHT_RULES)}, got '{cfg.token_weight}'")
+    need(cfg.token_weight_gamma >= 0, f"token_weight_gamma must be >= 0, got {cfg.token_weight_gamma}")
+    need(0 < cfg.token_weight_decay <= 1, f"token_weight_decay must be in (0, 1], got {cfg.token_weight_decay}")
     need(cfg.max_new_tokens > 0, f"max_new_tokens must be > 0, got {cfg.max_new_tokens}")
     need(cfg.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {cfg.temperature}")
     need(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}")
@@ -297,7 +316,7 @@ def validate(cfg: Config) -> Config:
         need(cfg.cross_tokenizer != "on", "a served teacher must share the student's tokenizer: cross_tokenizer=on is not "
                                           "supported with teacher=http://...")
         need(cfg.rollout_tokens != "auto", "rollout_tokens=auto runs the diagnostics, which need the teacher's weights: give "
-                                           "rollout_tokens a number with a served teacher")
+                                           "rollout_tokens a number (or adaptive) with a served teacher")
     need(cfg.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {cfg.min_new_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0 (0 = the whole response at once), got {cfg.loss_chunk}")
     need(cfg.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")

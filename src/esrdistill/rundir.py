@@ -5,14 +5,17 @@ write config.yaml, so that a run that fails to start leaves the directory as it 
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
 
-from esrdistill import checkpoint, ranks
+from esrdistill import __version__, checkpoint, horizon, ranks
 from esrdistill.config import Config, ConfigError, save_config, to_dict
+from esrdistill.errors import UserError
+from esrdistill.horizon import Adaptive
 from esrdistill.learner import Learner
 from esrdistill.tracking import MetricsLogger, load_metrics, read_metrics, rewrite_metrics
 
@@ -120,3 +123,31 @@ def open_record(cfg: Config, run_dir: Path, start_step: int, is_main: bool, say)
         if m.get("eval/accuracy", -1.0) > best["accuracy"]:
             best = {"step": m["step"], "accuracy": m["eval/accuracy"]}
     return logger, best
+
+
+def horizon_history(run_dir: Path, steps: int, rule: Adaptive) -> list[tuple[int, float | None]]:
+    """rollout_tokens=adaptive on resume: the (K, tail KL) of the `steps` steps before the checkpoint, read from
+    metrics.jsonl (every process reads it), checked against the rule; a UserError when they cannot be recovered."""
+    rows, _ = load_metrics(run_dir)
+    try:
+        found = horizon.history(rows, steps)
+        horizon.adaptive_k(found, rule)
+    except ValueError as error:
+        raise UserError(f"rollout_tokens=adaptive cannot resume from step {steps}: {error}; K is recomputed from "
+                        f"{Path(run_dir) / 'metrics.jsonl'}. Start the run again in a new run_dir") from None
+    return found
+
+
+def commit() -> str:
+    """The git commit of the code that runs (with -dirty when the checkout has changes), or the version: what a
+    record (a study's runs.json, a benchmark's table) names as the code that made it."""
+    where = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return f"esrdistill {__version__}"
+    if rev.returncode != 0:
+        return f"esrdistill {__version__}"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

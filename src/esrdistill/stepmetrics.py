@@ -3,7 +3,7 @@ over every process (train.py gathers them)."""
 
 from __future__ import annotations
 
-from esrdistill import selection
+from esrdistill import selection, weighting
 from esrdistill.config import Config
 
 # Across tokenizers, the loss sees only the student positions paired with a teacher position
@@ -51,12 +51,16 @@ def step_metrics(totals: dict[str, float], counted: float, batch_size: int, cons
     """
     out = {"loss": totals["loss"]}
     for key, value in totals.items():
-        if "/" in key and not key.endswith((":num", ":den")) and not key.startswith("select/"):
+        if "/" in key and not key.endswith((":num", ":den")) and not key.startswith(("select/", "weight/", "window/")):
             out[key] = value / max(counted, 1)
         elif key.endswith(":num"):
             name = key[: -len(":num")]
             out[name] = value / max(totals[name + ":den"], 1)
     out.update(selection.summarise(totals))
+    out.update(weighting.summarise(totals))
+    if "window/tail_n" in totals:  # rollout_tokens=adaptive (horizon.py): the window tail's reverse KL
+        out["rollout/k_tail_n"] = int(totals["window/tail_n"])
+        out["rollout/k_tail_kl"] = totals["window/tail_kl"] / max(totals["window/tail_n"], 1)
     out["loss/tokens"] = int(totals["loss_tokens"])  # positions that carried the loss
     tokens = totals["response_tokens"]
     out.update({

@@ -30,11 +30,12 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from esrdistill import build, checkpoint, learner, objective, order, ranks, rollout, rundir, selection
+from esrdistill import build, checkpoint, horizon, learner, objective, order, ranks, rollout, rundir, selection
 from esrdistill.config import Config, ConfigError
 from esrdistill.engines.protocol import Engine
 from esrdistill.errors import UserError
 from esrdistill.evaluate import EvalSettings, evaluate
+from esrdistill.horizon import Adaptive
 from esrdistill.measure import auto_k
 from esrdistill.stepmetrics import step_metrics, step_warnings
 from esrdistill.teachers.protocol import LossSettings, Teacher
@@ -101,6 +102,7 @@ class Run:
     sampling: rollout.Sampling  # the rollouts'
     evaluation: EvalSettings  # how the student is evaluated
     loss: LossSettings  # the loss and the token selection
+    adaptive: Adaptive | None = None  # rollout_tokens=adaptive's rule of K (horizon.py); None: K from the config
 
 
 def setup(cfg: Config, accelerator: Accelerator, say) -> Run:
@@ -153,7 +155,8 @@ def setup(cfg: Config, accelerator: Accelerator, say) -> Run:
             "gradient leaves their part of the reverse KL out; top_p=1 gives an unbiased reverse-KL gradient")
     return Run(cfg=cfg, run_dir=run_dir, pair=pair, teacher=teacher, train_set=train_set, eval_set=eval_set, grade=grade,
                   sampling=build.rollout_sampling(cfg, pair, rollout_len),
-                  evaluation=build.evaluation(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size), loss=build.loss_settings(cfg))
+                  evaluation=build.evaluation(cfg, pair.tokenizer, pair.eos_ids, pair.vocab_size), loss=build.loss_settings(cfg),
+                  adaptive=build.adaptive(cfg))
 
 
 
@@ -165,13 +168,15 @@ def train(cfg: Config, log=tqdm.write) -> Path:
     cfg, run_dir = run.cfg, run.run_dir
     student = learner.prepare(cfg, run.pair, accelerator)
     start_step = rundir.resume(cfg, run_dir, student, accelerator, say)
+    with ranks.fail_together(accelerator):  # adaptive K: the (K, tail KL) of the steps before, from which K is recomputed
+        steps_before = rundir.horizon_history(run_dir, start_step, run.adaptive) if run.adaptive and start_step else []
     # the rollouts' sampler: generate on the student, or vLLM given the (resumed) student's weights
     longest = max(map(len, run.train_set.student_ids + run.eval_set.student_ids)) + max(run.sampling.max_new_tokens, cfg.max_new_tokens)
     engine = student.engine(build.engine(cfg, run.pair, student.model, longest))
     evaluator = _Evaluator(run, student.model, engine, longest)
     with ranks.fail_together(accelerator):  # everything is built: only now is the run's record touched
         logger, best = rundir.open_record(cfg, run_dir, start_step, accelerator.is_main_process, say)
-    done = _Done(step=start_step, saved=start_step, best=best)
+    done = _Done(step=start_step, saved=start_step, best=best, horizon=steps_before)
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distil", disable=not (cfg.progress and accelerator.is_main_process),
                unit="step")
 
@@ -187,8 +192,9 @@ def train(cfg: Config, log=tqdm.write) -> Path:
             reset_peak_memory(accelerator.device)
             # A failure in phases 1-3 on any process (a teacher server down, a request refused) stops every process,
             # after the last complete step is saved: until this step's optimizer step, the weights are those after `step`.
+            k = horizon.adaptive_k(done.horizon, run.adaptive) if run.adaptive is not None else None
             with timer("rollout"), _failing_together(accelerator, keep_last_step):
-                batch = sample(run, engine, step, accelerator)
+                batch = sample(run, engine, step, accelerator, k)
             with timer("align"), _failing_together(accelerator, keep_last_step):
                 plan = run.teacher.plan([run.train_set.teacher_ids[i] for i in batch.rows], batch.rollouts.responses,
                                         batch.rollouts.mask)
@@ -203,6 +209,8 @@ def train(cfg: Config, log=tqdm.write) -> Path:
                 say(f"Warning: step {done.step} skipped: loss {totals['loss']}, gradient norm {grad_norm} "
                     f"({done.skipped_in_row} in a row; the run stops after {cfg.max_skipped_steps})")
             metrics = step_record(cfg, run.teacher, totals, counted, batch, lr, grad_norm, finite)
+            if run.adaptive is not None:
+                done.horizon.append(horizon.observed(metrics))
             log_evaluate_save(run, student, evaluator, logger, done, metrics, timer, step_start, accelerator, say)
             _show(bar, metrics)
             if done.skipped_in_row >= cfg.max_skipped_steps:
@@ -228,6 +236,7 @@ class _Done:
     best: dict  # the best evaluation so far, {"step", "accuracy"}
     skipped_in_row: int = 0  # steps in a row whose loss or gradient was not finite
     missed: list[float] = field(default_factory=list)  # agree/teacher_top1_missed of every step so far (step_warnings)
+    horizon: list[tuple[int, float | None]] = field(default_factory=list)  # rollout_tokens=adaptive: (K, tail KL) of every step
     warned: set = field(default_factory=set)  # the warnings said already
     save_timer: PhaseTimer = field(default_factory=PhaseTimer)  # the checkpoint written after the last logged row
 
@@ -244,7 +253,7 @@ class Batch:
     k: int  # the rollouts' length limit this step (ESR: K; a full rollout: max_new_tokens)
 
 
-def sample(run: Run, engine: Engine, step: int, accelerator: Accelerator) -> Batch:
+def sample(run: Run, engine: Engine, step: int, accelerator: Accelerator, k: int | None = None) -> Batch:
     """Phase 1: the student samples its own responses to this process's rows of step `step`. ESR is this length:
     generation itself stops after K tokens, nothing is masked off. Seeded by (seed, step, row): a resumed run samples
     what the uninterrupted one did."""
@@ -254,8 +263,9 @@ def sample(run: Run, engine: Engine, step: int, accelerator: Accelerator) -> Bat
     order_of_step = order.batch_indices(step, cfg.batch_size, len(run.train_set.problems), cfg.seed, cfg.shuffle_prompts)
     rows = [order_of_step[j] for j in positions]
     prompts = [run.train_set.student_ids[i] for i in rows]
-    k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
-                        cfg.schedule_steps or cfg.steps)
+    if k is None:  # K of the config and its schedule (k: rollout_tokens=adaptive's, from horizon.adaptive_k)
+        k = order.rollout_k(step, run.sampling.max_new_tokens, cfg.rollout_tokens_schedule, cfg.rollout_tokens_start,
+                            cfg.schedule_steps or cfg.steps)
     sampling = dataclasses.replace(run.sampling, max_new_tokens=k, min_new_tokens=min(run.sampling.min_new_tokens, k))
     rollouts = engine.sample(prompts, sampling, [order.row_seed(cfg.seed, step, j) for j in positions])
     return Batch(rows=rows, prompts=prompts, rollouts=rollouts, k=k)
@@ -271,6 +281,7 @@ def accumulate(run: Run, student: learner.Learner, batch: Batch, plan, accelerat
     loss_tokens = selection.selected_count(plan.mask, cfg.token_select, cfg.select_tokens).sum()  # on this process
     selected = accelerator.reduce(loss_tokens.float().to(device), "sum").item()  # positions that carry the loss, all processes
     denominator = cfg.batch_size if cfg.loss_norm == "trajectory" else selected
+    tail_from = horizon.tail_start(batch.k) if run.adaptive is not None else None  # adaptive K reads the window's tail
     student.trained.train()
     sums = {"loss": 0.0, "response_tokens": float(responses.mask.sum()), "prompt_tokens": float(sum(map(len, batch.prompts))),
             "loss_tokens": float(loss_tokens), "ended": float(responses.ended(run.pair.eos_ids).sum())}
@@ -281,7 +292,8 @@ def accumulate(run: Run, student: learner.Learner, batch: Batch, plan, accelerat
         with timer("teacher"), _failing_together(accelerator, before_stopping):
             scores = run.teacher.score(plan, idx, width, hidden=cfg.loss_chunk > 0)  # (b, T', C) log-probs, no grad
         with timer("train"), accelerator.no_sync(student.trained) if i < len(groups) - 1 else nullcontext():
-            loss, metric_sums = objective.micro_batch_loss(student.loss_view, run.teacher, scores, micro, run.loss, denominator)
+            loss, metric_sums = objective.micro_batch_loss(student.loss_view, run.teacher, scores, micro, run.loss, denominator,
+                                                           tail_from)
             # DDP and FSDP2 average gradients over processes (in the last backward); scaling by their number makes it a sum.
             accelerator.backward(loss * procs)
             sums["loss"] += loss.item()

@@ -33,10 +33,10 @@ from pathlib import Path
 
 from esrdistill import build, prompts
 from esrdistill.commands import trl_bench
-from esrdistill.commands.study import commit
 from esrdistill.config import ConfigError, load_config, parse_overrides
 from esrdistill.errors import UserError
 from esrdistill.models import locate
+from esrdistill.rundir import commit
 from esrdistill.tracking import read_metrics
 
 # A task on which the packaged student writes long answers (step-by-step reasoning), so that a

@@ -84,7 +84,7 @@ def diagnose(cfg: Config, options: DiagnoseOptions) -> dict:
     ps.require("problems to diagnose")
     pad, eos, progress = pair.tokenizer.pad_token_id, pair.eos_ids, cfg.progress
     micro = cfg.teacher_micro_batch or cfg.micro_batch_size
-    k_mark = options.k if options.k is not None else cfg.rollout_tokens
+    k_mark = options.k if options.k is not None else (cfg.rollout_tokens if isinstance(cfg.rollout_tokens, int) else None)
     ks = sorted({k for k in options.prefixes if k < cfg.max_new_tokens} | {0})
     say = tqdm.write
     say(pair.describe())

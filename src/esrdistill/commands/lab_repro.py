@@ -29,6 +29,8 @@ class Grid:
     ks: tuple[int, ...] = (16, 32, 64)  # ESR arms
     rules: tuple[str, ...] = PLACE_RULES + SCORE_RULES  # selection arms (full rollouts, k tokens each)
     progressive: bool = True
+    adaptive: bool = True  # an arm with rollout_tokens=adaptive (horizon.py), from K/2 up to max_new_tokens
+    weights: tuple[str, ...] = ("iw_opd", "decay")  # soft token weight arms (weighting.py), on full rollouts
     seeds: int = 3
     steps: int = 300
     eval_problems: int = 128
@@ -36,7 +38,7 @@ class Grid:
     overrides: dict = field(default_factory=dict)
 
 
-QUICK = Grid(k=16, ks=(16,), rules=("prefix_mask", "top_reverse_kl"), progressive=True, seeds=2, steps=4, eval_problems=16,
+QUICK = Grid(k=16, ks=(16,), rules=("prefix_mask", "top_reverse_kl"), progressive=True, adaptive=False, weights=(), seeds=2, steps=4, eval_problems=16,
              diagnose_problems=8, overrides={"batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2,
                                              "max_new_tokens": 140})
 
@@ -49,6 +51,9 @@ def arms(grid: Grid) -> list[tuple[str, dict]]:
         out.append((f"progressive_1-{grid.k}", {"rollout_tokens": grid.k, "rollout_tokens_schedule": "progressive",
                                                   "rollout_tokens_start": 1}))
     out += [(rule, {"rollout_tokens": None, "token_select": rule, "select_tokens": grid.k}) for rule in grid.rules]
+    if grid.adaptive:
+        out.append(("adaptive", {"rollout_tokens": "adaptive", "rollout_tokens_min": max(1, grid.k // 2)}))
+    out += [(f"full_{rule}", {"rollout_tokens": None, "token_weight": rule}) for rule in grid.weights]
     return out
 
 
@@ -157,6 +162,23 @@ def claims(rows: list[dict], grid: Grid, before: dict | None, full_diag: dict | 
         add("A progressive K schedule", "tried (K from 1 to 200), no figure given",
             f"progressive {_pct(_acc(progressive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
             {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
+    adaptive = _row(rows, "adaptive")
+    if adaptive and esr:
+        diff, verdict = compare(adaptive, esr)
+        add("A K that adapts during training (rollout_tokens=adaptive)", "ADWIN (arXiv 2605.28396): up to 4.1x cheaper "
+            "than full OPD at the same accuracy; not in the ESR paper",
+            f"adaptive {_pct(_acc(adaptive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
+            {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
+    for rule in grid.weights:
+        weighted = _row(rows, f"full_{rule}")
+        if weighted and full:
+            diff, verdict = compare(weighted, full)
+            add(f"Soft token weights on full rollouts (token_weight={rule})",
+                "IW-OPD (arXiv 2606.22600): the first 30% of tokens carry about all of the gain" if rule.startswith("iw_opd")
+                else "(a soft form of ESR's prefix; not in either paper)",
+                f"{rule} {_pct(_acc(weighted)[0])} vs unweighted full {_pct(_acc(full)[0])} ({_pts(diff)})",
+                {"holds": "better than unweighted", "does not hold": "worse than unweighted",
+                 "within noise": "same as unweighted"}.get(verdict, verdict))
     stable = [(name, _row(rows, name)) for name in ("full", f"esr_k{grid.k}")]
     if all(r and r["best_accuracy"]["mean"] is not None for _, r in stable):
         drops = {name: r["best_accuracy"]["mean"] - r["final_accuracy"]["mean"] for name, r in stable}
@@ -227,7 +249,8 @@ def plot_arms(rows: list[dict], models: dict, path: Path) -> Path:
     highs = [(r["final_accuracy"]["max"] if r["final_accuracy"]["max"] is not None else m) - m for m, r in zip(means, rows)]
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.4))
     y = list(range(len(rows)))[::-1]
-    colours = ["tab:orange" if n.startswith(("esr", "progressive")) else "tab:grey" if n == "full" else "tab:blue" for n in names]
+    colours = ["tab:orange" if n.startswith(("esr", "progressive", "adaptive")) else "tab:grey" if n == "full" else "tab:blue"
+               for n in names]
     ax.barh(y, means, xerr=[lows, highs], color=colours, capsize=2)
     ax.set_yticks(y, names, fontsize=8)
     ax.axvline(models["student"]["accuracy"], color="black", linestyle="--", linewidth=1, label="student before")
@@ -321,7 +344,7 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
 
     pngs = {}
     plot_arms(rows, models, root / "arms.png")
-    pngs["Final accuracy of every arm (orange: ESR, grey: full rollout, blue: selections on full rollouts)"] = "arms.png"
+    pngs["Final accuracy of every arm (orange: ESR, grey: full rollout, blue: selections and weights on full rollouts)"] = "arms.png"
     for name, title in (("decay.png", "Teacher decay"), ("position_profile.png", "Per-position profile of the base student"),
                         ("kl_share.png", "Share of the KL in the first K tokens"), ("cascading.png", "Cascading alignment (ESR student)"),
                         ("submode.png", "Sub-mode commitment (base and ESR student)")):

@@ -18,18 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
-from esrdistill import __version__
 from esrdistill.commands import studyreport
 from esrdistill.commands.diagnose import DiagnoseOptions, diagnose
 from esrdistill.commands.evaluation import run_eval
-from esrdistill.config import ConfigError, load_config, parse_overrides
+from esrdistill.config import Config, ConfigError, load_config, parse_overrides
+from esrdistill.rundir import commit
 from esrdistill.tracking import read_metrics
 from esrdistill.train import TrainingInterrupted, train
 
@@ -134,21 +133,6 @@ def plan(study: Study, out: Path, overrides: dict, arms: str | None = None, seed
     return runs
 
 
-def commit() -> str:
-    """The git commit of the code that runs (with -dirty when the checkout has changes), or the version."""
-
-    where = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return f"esrdistill {__version__}"
-    if rev.returncode != 0:
-        return f"esrdistill {__version__}"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def before(cfg, out: Path, view: str, say=print) -> dict:
     """The accuracy of the config's teacher (view=teacher, with its worked examples) or zero-shot student on the
     held-out problems, computed once and kept in OUT/before/: the teacher's per data seed (its worked examples are
@@ -218,6 +202,8 @@ def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code:
         "pair": study.pair, "study": study.name, "arm": run.arm,
         "rollout_tokens": cfg.rollout_tokens, "max_new_tokens": cfg.max_new_tokens, "token_select": cfg.token_select,
         "select_tokens": cfg.select_tokens if cfg.token_select != "prefix" else None, "loss": cfg.loss,
+        "token_weight": cfg.token_weight, "k_per_step": [int(r["rollout/k"]) for r in rows if "rollout/k" in r]
+        if cfg.rollout_tokens == "adaptive" else None,
         "seed": cfg.seed, "data_seed": cfg.data_seed, "student": cfg.student, "teacher": cfg.teacher, "dataset": cfg.dataset,
         "teacher_accuracy": teacher["accuracy"], "teacher_ci": teacher["ci"],
         "student_before": student["accuracy"], "student_before_ci": student["ci"],
@@ -246,8 +232,11 @@ def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code:
 
 def config_key(cfg) -> str:
     """A run's settings, hashed (its run directory and progress bars left out): a record in runs.json stands for a
-    run whose directory is gone (another machine, a fresh checkout) only when the settings are the same."""
-    values = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "resume", "progress")}
+    run whose directory is gone (another machine, a fresh checkout) only when the settings are the same. Settings at
+    their default are left out too, so that a setting added later (at a default that changes nothing) keeps every
+    earlier record's key; the code that trained a record is its `commit`."""
+    defaults = asdict(Config())
+    values = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "resume", "progress") and v != defaults[k]}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -43,7 +43,8 @@ def arm_rows(records: list[dict]) -> list[dict]:
         rows.append({
             "arm": arm, "rollout_tokens": first["rollout_tokens"], "max_new_tokens": first["max_new_tokens"],
             "token_select": first["token_select"], "select_tokens": first.get("select_tokens"), "loss": first["loss"],
-            "seeds": [r["seed"] for r in group],
+            "token_weight": first.get("token_weight", "none"), "seeds": [r["seed"] for r in group],
+            "final_k": [r["k_per_step"][-1] for r in group if r.get("k_per_step")],
             **{key: _stats([r[key] for r in group]) for key in (
                 "teacher_accuracy", "student_before", "student_after", "best_minus_final", "steps", "seconds",
                 "seconds_per_step", "generated_tokens", "mean_response_tokens", "cut_frac", "after_len_mean")},
@@ -71,11 +72,15 @@ def _num(s: dict, digits: int = 0, spread: bool = False) -> str:
 
 
 def _rollout(row: dict) -> str:
+    weight = f", token_weight={row['token_weight']}" if row.get("token_weight", "none") != "none" else ""
+    if row["rollout_tokens"] == "adaptive":
+        settled = "/".join(map(str, row.get("final_k") or []))
+        return f"ESR, K adaptive (final K {settled or '-'})" + weight
     if row["rollout_tokens"] is not None:
-        return f"ESR, K={row['rollout_tokens']}"
+        return f"ESR, K={row['rollout_tokens']}" + weight
     if row["token_select"] != "prefix":
-        return f"full (up to {row['max_new_tokens']}), loss on {row['token_select']} {row['select_tokens']}"
-    return f"full (up to {row['max_new_tokens']})"
+        return f"full (up to {row['max_new_tokens']}), loss on {row['token_select']} {row['select_tokens']}" + weight
+    return f"full (up to {row['max_new_tokens']})" + weight
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -111,20 +116,32 @@ def run_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def speedups(rows: list[dict]) -> list[str]:
-    """Each ESR arm against the full rollout of the same loss: seconds per step and seconds to the target."""
+def speedups(rows: list[dict], records: list[dict]) -> list[str]:
+    """Each ESR arm against the full rollout of the same loss, seed by seed: the ratios of one seed's two runs, which
+    ran in one session (a mean of seconds over seeds would mix sessions, and this machine's speed varies between them)."""
     lines = []
-    for full in (r for r in rows if r["rollout_tokens"] is None and r["token_select"] == "prefix"):
-        for esr in (r for r in rows if r["rollout_tokens"] is not None and r["loss"] == full["loss"]):
-            if esr["seconds_per_step"]["mean"] and full["seconds_per_step"]["mean"]:
-                text = (f"- {esr['arm']} against {full['arm']} ({esr['loss']}): a step takes "
-                        f"{esr['seconds_per_step']['mean'] / full['seconds_per_step']['mean']:.2f}x as long")
-                a, b = esr["seconds_to_target"]["mean"], full["seconds_to_target"]["mean"]
-                if a and b:
-                    text += f"; the target is reached {b / a:.1f}x sooner (means over the seeds that reached it)"
-                elif esr["reached"] or full["reached"]:
-                    text += f"; the target is reached by {esr['reached']} of ESR's seeds and {full['reached']} of the full rollout's"
-                lines.append(text + ".")
+    plain = [r for r in rows if r.get("token_weight", "none") == "none"]
+    for full in (r for r in plain if r["rollout_tokens"] is None and r["token_select"] == "prefix"):
+        for esr in (r for r in plain if r["rollout_tokens"] is not None and r["loss"] == full["loss"]):
+            runs = {(r["arm"], r["seed"]): r for r in records}
+            pairs = [(runs[(esr["arm"], s)], runs[(full["arm"], s)]) for s in esr["seeds"] if (full["arm"], s) in runs]
+            steps = [(s, e["seconds_per_step"] / f["seconds_per_step"]) for e, f in pairs if e["seconds_per_step"]
+                     and f["seconds_per_step"] for s in [e["seed"]]]
+            if not steps:
+                continue
+            text = (f"- {esr['arm']} against {full['arm']} ({esr['loss']}), seed by seed: a step takes "
+                    + ", ".join(f"{ratio:.2f}x" for _, ratio in steps) + " as long (seeds "
+                    + ", ".join(str(s) for s, _ in steps) + ")")
+            sooner = [(e["seed"], f["seconds_to_target"] / e["seconds_to_target"]) for e, f in pairs
+                      if e["seconds_to_target"] and f["seconds_to_target"]]
+            if sooner:
+                text += "; the target is reached " + ", ".join(f"{ratio:.1f}x" for _, ratio in sooner) + " sooner (seeds " \
+                        + ", ".join(str(s) for s, _ in sooner) + ")"
+            reached = [(e["seconds_to_target"] is not None, f["seconds_to_target"] is not None) for e, f in pairs]
+            if any(a != b for a, b in reached) or not any(a and b for a, b in reached):
+                text += (f"; the target is reached by {sum(a for a, _ in reached)} of ESR's seeds and "
+                         f"{sum(b for _, b in reached)} of the full rollout's")
+            lines.append(text + ".")
     return lines
 
 
@@ -232,7 +249,8 @@ def write(report_dir: Path, records: list[dict]) -> Path:
         lines += [f"## {pair} (`esrdistill study {name}`)", "", f"Student {first['student']}, teacher {first['teacher']}, dataset {first['dataset']}, "
                   f"{first['eval_problems']} evaluation problems, batch {first['batch_size']}. Commands: "
                   + "; ".join(f"`{c}`" for c in commands) + f". Code: {commits}.", "", *table(rows), ""]
-        lines += speedups(rows) + ([""] if speedups(rows) else [])
+        speed = speedups(rows, group)
+        lines += speed + ([""] if speed else [])
         lines += [f"{len(group)} runs: {sum(r['seconds'] for r in group) / 60:.0f} min of training, "
                   f"{sum(r['seconds_with_eval'] for r in group) / 60:.0f} min with the evaluations during training "
                   "(on the machine that ran them; the before-training evaluations and the diagnostics come on top).", ""]

@@ -25,6 +25,10 @@ DIVERGENCE_KEYS = ("kl/reverse", "kl/forward", "teacher/entropy", "student/entro
                    "agree/teacher_top1_prob", "agree/teacher_top1_missed")
 SIGNAL_KEYS = {"reverse_kl": "kl/reverse", "forward_kl": "kl/forward", "teacher_entropy": "teacher/entropy",
                "student_entropy": "student/entropy"}  # selection's signal name -> the metric key it is read from
+# Every per-token statistic a rule of the loss reads (token selection's signals, and token weighting's: weighting.SIGNALS),
+# by name -> the metric key it is read from. kl/sampled is optional: a teacher without it (across tokenizers) cannot
+# serve token_weight=iw_opd, and build.weighable says so before training.
+STAT_KEYS = {**SIGNAL_KEYS, "sampled_kl": "kl/sampled"}
 
 
 @dataclass
@@ -87,6 +91,9 @@ class LossSettings:
     loss_chunk: int = 0  # positions per chunk of the loss, recomputed in backward; 0 = the whole response at once
     token_select: str = "prefix"  # selection.py's rule of which counted positions carry the loss
     select_tokens: int = 100  # token_select other than prefix: positions per trajectory that carry the loss
+    token_weight: str = "none"  # weighting.py's rule of how much each selected position's loss counts
+    token_weight_gamma: float = 0.5  # token_weight=iw_opd, iw_opd_kl: the largest extra weight of an early token
+    token_weight_decay: float = 0.99  # token_weight=decay: w_t = decay ** t
 
 
 @runtime_checkable
