@@ -159,7 +159,6 @@ def setup(cfg: Config, accelerator: Accelerator, say) -> Run:
                   adaptive=build.adaptive(cfg))
 
 
-
 def train(cfg: Config, log=tqdm.write) -> Path:
     """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
