@@ -45,8 +45,9 @@ SHIFT = 3  # the task: x -> (x + SHIFT) mod 10
 # What "teaches" means here: greedy accuracy up by this many points, and the reverse KL on fresh
 # rollouts down to at most this fraction of where it started.
 MIN_GAIN, MAX_KL_RATIO = 0.5, 0.2
-# The arms: the config keys each sets. The added arms take 50 steps: on seeds 0-5 each taught with the
-# KL at most 0.024 of where it started at 50 steps, at 40 forward KL missed on seed 0 (0.21), at 30 every seed missed.
+# The arms: the config keys each sets. Margins (2026-12-02, an AMD EPYC; teachers pretrained at seeds 0-2,
+# runs at seeds 0 and 1): every arm gained 0.9 with the KL at most 0.033 of where it started; every breakage
+# below gained at most 0 with the KL at least 0.999 of where it started.
 ARMS = {
     "reverse_kl": dict(loss="reverse_kl", steps=100),
     "forward_kl": dict(loss="forward_kl", steps=50),
@@ -75,6 +76,10 @@ def _pretrain(path, seed: int = 0, steps: int = 500) -> str:
     rng = random.Random(seed)
     eos = tok.eos_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # 50 steps of warmup, then linear decay to 0: at a constant 3e-3 the model settled on one wrong answer
+    # on some CPUs and seeds (6 -> 7 on an AMD EPYC at seed 0, in half of seeds 0-3); with this schedule
+    # seeds 0-5 each answer all ten digits there.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * (1 - s / steps))
     model.train()
     for _ in range(steps):
         rows = []
@@ -93,6 +98,7 @@ def _pretrain(path, seed: int = 0, steps: int = 500) -> str:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()
     return save_model(path, model.eval(), tok)
 
 
