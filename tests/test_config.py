@@ -85,9 +85,9 @@ def test_float16_full_finetuning_is_refused_with_the_alternatives():
 
 
 def test_config_lists_the_selection_rules_that_exist():
-    from esrdistill import config, selection
+    from esrdistill import config_window, selection
 
-    assert config.SELECT_RULES == selection.RULES
+    assert config_window.SELECT_RULES == selection.RULES
 
 
 def test_rollout_tokens_takes_auto_and_the_schedule_is_checked():

@@ -1,5 +1,6 @@
 import json
 import random
+import shutil
 
 import pytest
 
@@ -125,3 +126,28 @@ def test_lab_repro_quick_end_to_end(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("runs/*/seed*/metrics.jsonl"), *out.glob("models/*/model.safetensors")]}
     assert main(["lab", "repro", "--quick", "--out", str(out)]) == 0
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    # --arms: only the named arm runs again; every other row is the earlier report's
+    shutil.rmtree(out / "runs" / "top_reverse_kl")
+    assert main(["lab", "repro", "--quick", "--out", str(out), "--arms", "top_reverse_kl"]) == 0
+    again = json.loads((out / "lab.json").read_text())
+    assert [r["combo"]["arm"] for r in again["rows"]] == arm_names
+    assert [r for r in again["rows"] if r["combo"]["arm"] != "top_reverse_kl"] == \
+        [r for r in result["rows"] if r["combo"]["arm"] != "top_reverse_kl"]
+    assert (out / "runs" / "top_reverse_kl" / "seed1" / "summary.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if "top_reverse_kl" not in str(p))
+    assert "--arms top_reverse_kl" in (out / "report.md").read_text()
+    # the earlier report's models are not these: its rows do not compare, and nothing runs
+    result["models"]["student"]["accuracy"] += 0.25
+    (out / "lab.json").write_text(json.dumps(result))
+    shutil.rmtree(out / "runs" / "prefix_mask")
+    assert main(["lab", "repro", "--quick", "--out", str(out), "--arms", "prefix_mask"]) == 1
+    assert not (out / "runs" / "prefix_mask").exists()
+
+
+def test_lab_repro_arms_refuses_an_unknown_arm_and_a_missing_report(tmp_path, capsys):
+    from esrdistill.cli import main
+
+    assert main(["lab", "repro", "--quick", "--out", str(tmp_path / "a"), "--arms", "full,esr_k99"]) == 1
+    assert "no arm esr_k99" in capsys.readouterr().err
+    assert main(["lab", "repro", "--quick", "--out", str(tmp_path / "b"), "--arms", "full"]) == 1
+    assert "lab.json" in capsys.readouterr().err and not (tmp_path / "b" / "models").exists()

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from esrdistill import config, losses, objective, rollout, weighting
+from esrdistill import config_window, losses, objective, rollout, weighting
 from esrdistill.teachers.protocol import LossSettings
 from esrdistill.teachers.same import SameTokenizer
 from helpers import make_model, make_tokenizer
@@ -103,7 +103,7 @@ def test_signal_rules_need_their_statistic_and_names_are_checked():
         weighting.weights("iw_opd", torch.ones(1, 3), {"reverse_kl": torch.ones(1, 3)})
     with pytest.raises(ValueError, match="unknown token_weight 'nope'"):
         weighting.weights("nope", torch.ones(1, 3))
-    assert config.WEIGHT_RULES == weighting.RULES
+    assert config_window.WEIGHT_RULES == weighting.RULES
 
 
 def test_weight_metrics_say_where_the_weight_sits():

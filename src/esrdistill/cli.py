@@ -161,7 +161,8 @@ def cmd_lab(args) -> int:
     else:
         from esrdistill.commands.lab_repro import repro
 
-        repro(out, quick=args.quick, parallel=args.parallel)
+        only = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
+        repro(out, quick=args.quick, parallel=args.parallel, only=only)
     return 0
 
 
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny models and a reduced grid (a few minutes; for the tests)")
     p.add_argument("--out", help="the lab's directory (default runs/lab, runs/lab-quick with --quick)")
     p.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--arms", help="repro: only these arms (comma-separated); the others' rows come from OUT/lab.json, "
+                                  "an earlier repro's, which must have the same models")
     p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("report", help="a run's curves (loss, KL, length, cut-offs, evaluations against steps and time, "

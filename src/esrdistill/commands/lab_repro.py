@@ -63,9 +63,12 @@ def run_values(root: Path, grid: Grid, arm: str, seed: int) -> dict:
                                    **dict(arms(grid))[arm], "seed": seed, "run_dir": str(root / "runs" / arm / f"seed{seed}")})
 
 
-def plan(root: Path, grid: Grid) -> list[sweep.Run]:
+def plan(root: Path, grid: Grid, only: tuple[str, ...] | None = None) -> list[sweep.Run]:
+    """The grid's runs (only the arms named in `only`, when given)."""
     runs = []
     for name, _ in arms(grid):
+        if only and name not in only:
+            continue
         for seed in range(grid.seeds):
             values = run_values(root, grid, name, seed)
             load_config(None, values)  # a bad value fails before any run starts
@@ -271,13 +274,15 @@ def grid_seconds(runs: list[sweep.Run]) -> float:
 
 
 def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, found: list[dict], pngs: dict[str, str],
-                    seconds: float, command: str) -> str:
+                    seconds: float, command: str, only: tuple[str, ...] | None = None) -> str:
     t, s = models["teacher"], models["student"]
     lines = [
         "# esrdistill lab repro", "",
         f"`{command}`: {len(rows)} arms x {grid.seeds} seeds, {grid.steps} steps of "
-        f"{_batch_size(grid)} prompts each; the grid ran in {seconds / 60:.0f} min of wall-clock time on "
-        "this machine (2 CPU cores, 2 runs at a time; models and diagnostics not included).", "",
+        f"{_batch_size(grid)} prompts each; " + (f"the arms {', '.join(only)} ran" if only else "the grid ran")
+        + f" in {seconds / 60:.0f} min of wall-clock time on this machine (2 CPU cores, 2 runs at a time; models and "
+        "diagnostics not included)" + ("; the other arms' rows are those of the earlier lab.json of this directory "
+                                       "(the same models)." if only else "."), "",
         "## The lab", "",
         f"Task: a two-term recurrence modulo 10 (r = x op y, then (x, y) = (y, r); op in '{models['task']['ops']}'), "
         f"{models['task']['steps_min']}-{models['task']['steps_max']} steps, each written on its own line, the answer boxed: "
@@ -308,21 +313,50 @@ def report_markdown(models: dict, grid: Grid, rows: list[dict], table: str, foun
     return "\n".join(lines)
 
 
-def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=print, progress: bool = True) -> dict:
-    """Models, the grid with seeds, diagnostics, claims; everything under OUT/ with report.md."""
+def earlier_rows(root: Path, grid: Grid, models: dict, only: tuple[str, ...]) -> list[dict]:
+    """The rows of the arms not in `only` from OUT/lab.json, the report of an earlier `lab repro`, refused when
+    that report's models are not these (another CPU can train other models from the same specification)."""
+    path = root / "lab.json"
+    earlier = json.loads(path.read_text())
+    for who in ("teacher", "student"):
+        was, now = earlier["models"][who]["accuracy"], models[who]["accuracy"]
+        if was != now:
+            raise UserError(f"the {who} here solves {now:.1%} of the held-out problems, the one of {path} {was:.1%}: the "
+                            "models differ (trained on another machine?), so its rows do not compare with new runs; run "
+                            "every arm (without --arms), or the arms they are compared with too (full, esr_k"
+                            f"{grid.k}, ...)")
+    return [r for r in earlier["rows"] if r["combo"]["arm"] not in only]
+
+
+def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=print, progress: bool = True,
+          only: tuple[str, ...] | None = None) -> dict:
+    """Models, the grid with seeds, diagnostics, claims; everything under OUT/ with report.md. With `only`, just
+    those arms run, and the other arms' rows come from OUT/lab.json (earlier_rows)."""
 
     grid = QUICK if quick else Grid()
     root = Path(out).expanduser()
+    if only:  # before any model trains
+        names = [name for name, _ in arms(grid)]
+        unknown = [a for a in only if a not in names]
+        if unknown:
+            raise UserError(f"--arms: no arm {', '.join(unknown)} in the lab's grid; its arms: {', '.join(names)}")
+        if not (root / "lab.json").is_file():
+            raise UserError(f"--arms runs some arms and takes the others' rows from {root / 'lab.json'}, which does not "
+                            "exist: run `esrdistill lab repro` once without --arms (or copy a lab.json there, for "
+                            "instance docs/lab's)")
     started = time.perf_counter()
     if quick:
         models = lab.models(str(root), teacher=lab.QUICK_TEACHER, student=lab.QUICK_STUDENT, eval_problems=grid.eval_problems,
                             say=say, progress=progress)
     else:
         models = lab.models(str(root), eval_problems=grid.eval_problems, say=say, progress=progress)
-    runs = plan(root, grid)
-    say(f"[lab] {len(runs)} runs: {len(arms(grid))} arms x {grid.seeds} seeds, {grid.steps} steps each")
+    runs = plan(root, grid, only)
+    kept = earlier_rows(root, grid, models, only) if only else []
+    say(f"[lab] {len(runs)} runs: {len(runs) // grid.seeds} arms x {grid.seeds} seeds, {grid.steps} steps each"
+        + (f"; {len(kept)} arms' rows from {root / 'lab.json'}" if only else ""))
     sweep.execute(None, runs, parallel, say)
-    rows = sweep.aggregate(runs)
+    order = [name for name, _ in arms(grid)]
+    rows = sorted(kept + sweep.aggregate(runs), key=lambda r: order.index(r["combo"]["arm"]))
     table = sweep.markdown(rows, 0)
 
     say("[lab] diagnostics: teacher decay, profile, cascading alignment and sub-mode commitment (seed 0)")
@@ -353,9 +387,9 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
     if (diag_dir / "full" / "cascading.png").is_file():
         pngs["Cascading alignment (full-rollout student)"] = "diagnostics/full/cascading.png"
     seconds = time.perf_counter() - started
-    command = "esrdistill lab repro" + (" --quick" if quick else "")
+    command = "esrdistill lab repro" + (" --quick" if quick else "") + (f" --arms {','.join(only)}" if only else "")
     grid_s = grid_seconds(runs)
-    (root / "report.md").write_text(report_markdown(models, grid, rows, table, found, pngs, grid_s, command))
+    (root / "report.md").write_text(report_markdown(models, grid, rows, table, found, pngs, grid_s, command, only))
     (root / "lab.json").write_text(json.dumps({"models": models, "rows": rows, "claims": found, "seconds": seconds, "grid_seconds": grid_s,
                                                "grid": {k: v for k, v in grid.__dict__.items()}}, indent=2, default=str))
     say("\n| claim | lab | verdict |\n|---|---|---|")
