@@ -342,8 +342,8 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
             raise UserError(f"--arms: no arm {', '.join(unknown)} in the lab's grid; its arms: {', '.join(names)}")
         if not (root / "lab.json").is_file():
             raise UserError(f"--arms runs some arms and takes the others' rows from {root / 'lab.json'}, which does not "
-                            "exist: run `esrdistill lab repro` once without --arms (or copy a lab.json there, for "
-                            "instance docs/lab's)")
+                            "exist: run `esrdistill lab repro` once without --arms (or copy an earlier lab's lab.json "
+                            "and diagnostics/ there, for instance docs/lab's)")
     started = time.perf_counter()
     if quick:
         models = lab.models(str(root), teacher=lab.QUICK_TEACHER, student=lab.QUICK_STUDENT, eval_problems=grid.eval_problems,
