@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from esrdistill.commands import lab
-from esrdistill.commands.lab_repro import QUICK, arms, claims, compare
+from esrdistill.commands.lab_repro import QUICK, arms, claims, compare, undiagnosable
 
 
 def test_solve_writes_each_step_of_the_recurrence_modulo_10():
@@ -151,3 +151,30 @@ def test_lab_repro_arms_refuses_an_unknown_arm_and_a_missing_report(tmp_path, ca
     assert "no arm esr_k99" in capsys.readouterr().err
     assert main(["lab", "repro", "--quick", "--out", str(tmp_path / "b"), "--arms", "full"]) == 1
     assert "lab.json" in capsys.readouterr().err and not (tmp_path / "b" / "models").exists()
+
+
+def test_lab_repro_arms_refuses_before_running_when_the_claims_diagnostics_cannot_exist(tmp_path, capsys):
+    """A lab.json copied without its diagnostics/ (and without the runs they read) is refused before any model trains."""
+    from esrdistill.cli import main
+
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "lab.json").write_text(json.dumps({"models": {}, "rows": []}))
+    assert main(["lab", "repro", "--quick", "--out", str(out), "--arms", "prefix_mask"]) == 1
+    err = capsys.readouterr().err
+    assert "esr_k16" in err and "full" in err and "diagnostics" in err and not (out / "models").exists()
+
+
+def test_undiagnosable_names_the_arms_with_neither_diagnostics_nor_student_nor_a_run(tmp_path):
+    out = tmp_path / "lab"
+    assert undiagnosable(out, QUICK, ("prefix_mask",)) == ["esr_k16", "full"]
+    assert undiagnosable(out, QUICK, ("full", "prefix_mask")) == ["esr_k16"]  # full runs: its student will be there
+    (out / "runs" / "esr_k16" / "seed0" / "final").mkdir(parents=True)
+    assert undiagnosable(out, QUICK, ("prefix_mask",)) == ["full"]
+    done = out / "diagnostics" / "full" / "diagnostics.json"
+    done.parent.mkdir(parents=True)
+    student = str(out / "runs" / "full" / "seed0" / "final")
+    done.write_text(json.dumps({"student_after": student, "problems": QUICK.diagnose_problems + 1}))
+    assert undiagnosable(out, QUICK, ("prefix_mask",)) == ["full"]  # made on another number of problems: not reused
+    done.write_text(json.dumps({"student_after": student, "problems": QUICK.diagnose_problems}))
+    assert undiagnosable(out, QUICK, ("prefix_mask",)) == []

@@ -328,6 +328,25 @@ def earlier_rows(root: Path, grid: Grid, models: dict, only: tuple[str, ...]) ->
     return [r for r in earlier["rows"] if r["combo"]["arm"] not in only]
 
 
+def _diagnosed_student(root: Path, grid: Grid, arm: str) -> str:
+    """The seed-0 student that the diagnostics named `arm` ("esr" or "full") read."""
+    return str(root / "runs" / (f"esr_k{grid.k}" if arm == "esr" else arm) / "seed0" / "final")
+
+
+def undiagnosable(root: Path, grid: Grid, only: tuple[str, ...]) -> list[str]:
+    """The arms whose seed-0 diagnostics a run of just `only` cannot have: no reusable diagnostics.json, no
+    trained student on disk, and the arm not among those that will run."""
+    missing = []
+    for arm, run_arm in (("esr", f"esr_k{grid.k}"), ("full", "full")):
+        done = root / "diagnostics" / arm / "diagnostics.json"
+        earlier = json.loads(done.read_text()) if done.is_file() else {}
+        reusable = (earlier.get("student_after") == _diagnosed_student(root, grid, arm)
+                    and earlier.get("problems") == grid.diagnose_problems)
+        if not (reusable or run_arm in only or Path(_diagnosed_student(root, grid, arm)).is_dir()):
+            missing.append(run_arm)
+    return missing
+
+
 def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=print, progress: bool = True,
           only: tuple[str, ...] | None = None) -> dict:
     """Models, the grid with seeds, diagnostics, claims; everything under OUT/ with report.md. With `only`, just
@@ -344,6 +363,11 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
             raise UserError(f"--arms runs some arms and takes the others' rows from {root / 'lab.json'}, which does not "
                             "exist: run `esrdistill lab repro` once without --arms (or copy an earlier lab's lab.json "
                             "and diagnostics/ there, for instance docs/lab's)")
+        missing = undiagnosable(root, grid, only)
+        if missing:
+            raise UserError(f"--arms: the claims need the diagnostics of {', '.join(missing)} (seed 0), and neither "
+                            f"{root / 'diagnostics'}/<arm>/diagnostics.json nor that run's student is here: copy the "
+                            "earlier lab's diagnostics/ with its lab.json, or add those arms to --arms")
     started = time.perf_counter()
     if quick:
         models = lab.models(str(root), teacher=lab.QUICK_TEACHER, student=lab.QUICK_STUDENT, eval_problems=grid.eval_problems,
@@ -364,7 +388,7 @@ def repro(out: str = "runs/lab", quick: bool = False, parallel: int = 2, say=pri
     esr_cfg = load_config(None, run_values(root, grid, f"esr_k{grid.k}", 0))
     def diagnosed(arm: str, prefixes: tuple[int, ...]) -> dict:
         """diagnose() against the seed-0 student of an arm, reused when it already ran on that student."""
-        out, after = diag_dir / arm, str(root / "runs" / (f"esr_k{grid.k}" if arm == "esr" else arm) / "seed0" / "final")
+        out, after = diag_dir / arm, _diagnosed_student(root, grid, arm)
         if (out / "diagnostics.json").is_file():
             done = json.loads((out / "diagnostics.json").read_text())
             if done.get("student_after") == after and done.get("problems") == grid.diagnose_problems:
