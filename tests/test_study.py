@@ -199,8 +199,22 @@ def test_the_quick_study_writes_every_field_and_a_second_call_trains_nothing(tmp
     import shutil
 
     shutil.rmtree(out / "full" / "seed1")  # a fresh checkout: the runs are gone, runs.json is not
+    shutil.rmtree(out / "before")  # and so are the accuracies before training and the diagnostics
+    shutil.rmtree(out / "diagnose")
+    evaluate, diagnose = study_module.run_eval, study_module.diagnose
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated or diagnosed again")
+
+    monkeypatch.setattr(study_module, "run_eval", no_work)
+    monkeypatch.setattr(study_module, "diagnose", no_work)
     assert main(args) == 0  # its record stands for it, with the same settings: nothing is trained
     assert len(json.loads((report / "runs.json").read_text())) == 4
+    kept = json.loads((report / "before-same.json").read_text())  # beside runs.json: what the report's seeds had
+    assert sorted(kept) == ["student-any", "teacher-data_seed0", "teacher-data_seed1"]
+    assert [r["teacher_accuracy"] for r in again] == [r["teacher_accuracy"] for r in json.loads((report / "runs.json").read_text())]
+    monkeypatch.setattr(study_module, "run_eval", evaluate)
+    monkeypatch.setattr(study_module, "diagnose", diagnose)
     with pytest.raises(AssertionError, match="trained .*full/seed1 again"):  # other settings: it is trained
         main(args + ["lr=1e-3"])
 
@@ -234,6 +248,15 @@ def test_the_accuracies_before_training_are_computed_once(tmp_path, monkeypatch)
         study_mod.before(cfg, tmp_path, "student", say=lambda _: None)
     views = [(view, seed) for _, view, seed in calls]
     assert views == [("teacher", 0), ("student", 0), ("teacher", 1)]  # the zero-shot student's problems do not move with the seed
+
+    kept, fresh = tmp_path / "report" / "before-same.json", tmp_path / "fresh"  # kept beside the report, reused
+    cfg = load_config(None, {"data_seed": 0, "eval_split": "test", "dataset": "packaged:worked_sums"})
+    study_mod.before(cfg, tmp_path, "teacher", say=lambda _: None, kept=kept, settings="a")  # from OUT/before
+    assert len(calls) == 3 and json.loads(kept.read_text())["teacher-data_seed0"]["settings"] == "a"
+    study_mod.before(cfg, fresh, "teacher", say=lambda _: None, kept=kept, settings="a")  # a fresh checkout
+    assert len(calls) == 3 and (fresh / "before" / "teacher-data_seed0.json").is_file()
+    study_mod.before(cfg, tmp_path / "other", "teacher", say=lambda _: None, kept=kept, settings="b")  # other settings
+    assert len(calls) == 4 and json.loads(kept.read_text())["teacher-data_seed0"]["settings"] == "b"
 
 
 def test_what_a_final_accuracy_is_made_of_the_format_and_the_last_number(tmp_path):

@@ -9,8 +9,10 @@ the teacher's accuracy is measured), `diagnose` (the diagnostics run once, after
 
 Resumable: a run whose summary.json exists is complete and is not trained again; one that has a checkpoint is
 resumed from it (resume=true: the config's save_every sets how much an interruption can lose); the teacher's and
-the zero-shot student's accuracies are computed once and kept in OUT/before/. Every finished run is added to
-REPORT/runs.json and the report is rewritten, so a study stopped half-way has its finished runs reported.
+the zero-shot student's accuracies are computed once and kept in OUT/before/ and REPORT/before-NAME.json, the
+diagnostics once and kept in REPORT/diagnose-NAME/ (both reused on a fresh checkout while the settings are the same).
+Every finished run is added to REPORT/runs.json and the report is rewritten, so a study stopped half-way has its
+finished runs reported.
 """
 
 from __future__ import annotations
@@ -133,22 +135,32 @@ def plan(study: Study, out: Path, overrides: dict, arms: str | None = None, seed
     return runs
 
 
-def before(cfg, out: Path, view: str, say=print) -> dict:
+def before(cfg, out: Path, view: str, say=print, kept: Path | None = None, settings: str = "") -> dict:
     """The accuracy of the config's teacher (view=teacher, with its worked examples) or zero-shot student on the
     held-out problems, computed once and kept in OUT/before/: the teacher's per data seed (its worked examples are
-    rows of that seed), the student's once when the problems do not depend on the seed (eval_split)."""
+    rows of that seed), the student's once when the problems do not depend on the seed (eval_split). `kept` (the
+    report's before.json) keeps them beside runs.json too, each with the study's `settings` hashed, so that a fresh
+    checkout reuses them while the settings are the same."""
 
     key = f"{view}-data_seed{cfg.data_seed}" if view == "teacher" or not cfg.eval_split else f"{view}-any"
     path = out / "before" / f"{key}.json"
+    stored = json.loads(kept.read_text()) if kept is not None and kept.is_file() else {}
     if path.is_file():
-        return json.loads(path.read_text())
-    say(f"[study] {view} accuracy before training ({key}) ...")
-    result = run_eval(cfg, cfg.teacher if view == "teacher" else cfg.student, view=view, progress=cfg.progress)
-    correct = sum(sum(p.correct) for p in result.problems)
-    record = {"accuracy": result.accuracy, "ci": list(result.accuracy_ci), "correct": correct,
-              "problems": result.n_problems, "len_mean": result.len_mean, "cut_frac": result.cut_frac}
+        record = json.loads(path.read_text())
+    elif stored.get(key, {}).get("settings") == settings:
+        record = {k: v for k, v in stored[key].items() if k != "settings"}
+        say(f"[study] {view} accuracy before training ({key}): kept from {kept}")
+    else:
+        say(f"[study] {view} accuracy before training ({key}) ...")
+        result = run_eval(cfg, cfg.teacher if view == "teacher" else cfg.student, view=view, progress=cfg.progress)
+        correct = sum(sum(p.correct) for p in result.problems)
+        record = {"accuracy": result.accuracy, "ci": list(result.accuracy_ci), "correct": correct,
+                  "problems": result.n_problems, "len_mean": result.len_mean, "cut_frac": result.cut_frac}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
+    if kept is not None and stored.get(key) != {**record, "settings": settings}:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({**stored, key: {**record, "settings": settings}}, indent=1, sort_keys=True))
     return record
 
 
@@ -255,9 +267,24 @@ def save_record(report_dir: Path, rec: dict) -> list[dict]:
     return records
 
 
-def _diagnose(study: Study, runs: list[StudyRun], out: Path, values: dict, say) -> Path | None:
+def _same_diagnostics(earlier: dict, study: Study, out: Path, values: dict) -> bool:
+    """Whether the diagnostics in the report were made with the study's settings (models, task, rollout limit,
+    temperature, problems, prefixes, bucket, K) against a trained student of `diagnose.after` (any seed)."""
+    d, options = study.diagnose, earlier.get("options", {})
+    cfg = load_config(str(out / "config.yaml"), {**study.arms[d["after"]], **values})
+    k = cfg.rollout_tokens if isinstance(cfg.rollout_tokens, int) else None
+    students = {str(out / d["after"] / f"seed{seed}" / "final") for seed in study.seeds}
+    return ((earlier.get("teacher"), earlier.get("student"), earlier.get("dataset"), earlier.get("max_new_tokens"),
+             earlier.get("temperature"), earlier.get("student_after")) in
+            {(cfg.teacher, cfg.student, cfg.dataset, cfg.max_new_tokens, cfg.temperature, s) for s in students}
+            and options.get("problems") == int(d.get("problems", 32)) and options.get("bucket") == int(d.get("bucket", 8))
+            and list(options.get("prefixes", ())) == list(d.get("prefixes", (0, 25, 50, 100, 200))) and options.get("k") == k)
+
+
+def _diagnose(study: Study, runs: list[StudyRun], out: Path, values: dict, say, report_dir: Path) -> Path | None:
     """The diagnostics once per pair (decay, KL share, cascading alignment against the trained student of
-    `diagnose.after`'s first seed), in OUT/diagnose/; skipped when done or when that run is not finished."""
+    `diagnose.after`'s first seed), in OUT/diagnose/; skipped when done, when the report already holds them for the
+    same settings (a fresh checkout), or when that run is not finished."""
 
     d = study.diagnose
     if not d:
@@ -265,6 +292,10 @@ def _diagnose(study: Study, runs: list[StudyRun], out: Path, values: dict, say) 
     target = out / "diagnose"
     if (target / "diagnostics.json").is_file():
         return target
+    kept = report_dir / f"diagnose-{studyreport.slug(study.name)}" / "diagnostics.json"
+    if kept.is_file() and _same_diagnostics(json.loads(kept.read_text()), study, out, values):
+        say(f"[study] diagnostics kept from {kept.parent} (the same settings, a student of {d['after']})")
+        return None
     after = next((r for r in runs if r.arm == d["after"] and (r.run_dir / "final").is_dir()), None)
     if after is None:
         say(f"[study] diagnostics wait for a finished run of {d['after']}")
@@ -299,14 +330,16 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
         f"{len(dict.fromkeys(r.seed for r in runs))} seeds) in {out_dir}; "
         f"report in {report_dir} (code {code})")
     kept = {(r["study"], r["arm"], r["seed"]): r for r in _records(report_dir)}
+    accuracies = report_dir / f"before-{studyreport.slug(st.name)}.json"
+    settings = hashlib.sha256(config_text.encode()).hexdigest()[:16]
     for index, run in enumerate(runs, start=1):
         cfg = load_config(str(out_dir / "config.yaml"), run.values)
-        teacher, student = before(cfg, out_dir, "teacher", say), before(cfg, out_dir, "student", say)
         done = (run.run_dir / "summary.json").is_file()
         earlier = kept.get((st.name, run.arm, run.seed))
         if not done and not run.run_dir.exists() and earlier and earlier.get("config_key") == config_key(cfg):
             say(f"[study] {run.arm} seed {run.seed}: kept from {report_dir / 'runs.json'} (its run directory is not here)")
             continue
+        teacher, student = (before(cfg, out_dir, view, say, accuracies, settings) for view in ("teacher", "student"))
         if not done:
             resume = (run.run_dir / "checkpoints").is_dir() and any((run.run_dir / "checkpoints").iterdir())
             say(f"[study] {index}/{len(runs)} {run.arm} seed {run.seed}" + (" (resuming)" if resume else "") + " ...")
@@ -331,7 +364,7 @@ def study(spec: str, overrides: list[str] | None = None, out: str | None = None,
             + f" (teacher {rec['teacher_accuracy']:.1%}), {rec['seconds']:.0f} s of training")
         records = save_record(report_dir, rec)
         studyreport.write(report_dir, records)
-    diagnostics = _diagnose(st, runs, out_dir, values, say)
+    diagnostics = _diagnose(st, runs, out_dir, values, say, report_dir)
     if diagnostics is not None:
         studyreport.keep_diagnostics(report_dir, st.name, diagnostics)
     records = _records(report_dir)
