@@ -139,7 +139,7 @@ def before(cfg, out: Path, view: str, say=print, kept: Path | None = None, setti
     """The accuracy of the config's teacher (view=teacher, with its worked examples) or zero-shot student on the
     held-out problems, computed once and kept in OUT/before/: the teacher's per data seed (its worked examples are
     rows of that seed), the student's once when the problems do not depend on the seed (eval_split). `kept` (the
-    report's before.json) keeps them beside runs.json too, each with the study's `settings` hashed, so that a fresh
+    report's before-NAME.json) keeps them beside runs.json too, each with the study's `settings` hashed, so that a fresh
     checkout reuses them while the settings are the same."""
 
     key = f"{view}-data_seed{cfg.data_seed}" if view == "teacher" or not cfg.eval_split else f"{view}-any"
