@@ -45,27 +45,51 @@ def test_a_step_with_no_tail_position_counts_as_learned_and_can_set_no_reference
     assert adaptive_k([(8, nan), (8, 1.0), (8, 0.1), (8, nan), (8, 0.1), (8, 0.1)], RULE) == 16
 
 
+def test_a_peak_reference_measures_learning_from_the_largest_tail_kl_at_this_k():
+    peak = Adaptive(k_min=8, k_max=40, kl_drop=0.5, patience=2, growth=2.0, reference="peak")
+    # the study's failure: the tail KL rises after K is set (0.25 -> 1.2) and comes back only to 0.24
+    history = [(8, 0.25), (8, 0.7), (8, 1.2), (8, 0.9), (8, 0.24), (8, 0.22)]
+    assert adaptive_k(history, RULE) == 8  # never half of the first figure, 0.25: K stays
+    assert adaptive_k(history, peak) == 16  # half of the peak, 1.2, twice in a row: K grows
+    assert adaptive_k(history[:5], peak) == 8  # one learned step is not patience=2
+    # a falling KL: the peak is the first figure, and both references give the same K
+    falling = [(8, 1.0), (8, 0.6), (8, 0.5), (8, 0.4), (16, 2.0), (16, 0.9), (16, 0.8)]
+    assert adaptive_k(falling, peak) == adaptive_k(falling, RULE) == 32
+    # a new peak breaks a run of learned steps; a skipped step's figure is no peak
+    assert adaptive_k([(8, 1.0), (8, 0.4), (8, 3.0), (8, 1.4)], peak) == 8
+    assert adaptive_k([(8, 1.0), (8, float("nan")), (8, 0.4), (8, 0.4)], peak) == 16
+
+
 def naive_k(history, rule):
-    """The rule step by step as the docs state it: a reference per K, a run of learned steps, growth."""
+    """The rule step by step as the docs state it: a reference per K (its first figure, or the largest so far with
+    reference=peak), a run of learned steps, growth."""
     ks = [rule.k_min]
     for step in range(len(history)):
         k = ks[-1]
         at_k = [tail for used, tail in history[: step + 1] if used == k]
-        first = next((i for i, tail in enumerate(at_k) if tail is not None), None)  # the reference's step
-        reference = None if first is None else at_k[first]
+        first = next((i for i, tail in enumerate(at_k) if tail is not None and math.isfinite(tail)), None)
         after_reference = at_k if first is None else at_k[first + 1:]
         run = 0
-        for tail in after_reference:
-            run = run + 1 if tail is None or tail <= rule.kl_drop * reference else 0
+        for i, tail in enumerate(after_reference):
+            if tail is not None and not math.isfinite(tail):
+                run = 0
+                continue
+            if tail is None:
+                run += 1
+                continue
+            so_far = [t for t in at_k[: first + 2 + i] if t is not None and math.isfinite(t)]  # up to this step
+            reference = max(so_far) if rule.reference == "peak" else at_k[first]
+            run = run + 1 if tail <= rule.kl_drop * reference else 0
         grow = run >= rule.patience and k < rule.k_max
         ks.append(min(rule.k_max, math.ceil(k * rule.growth)) if grow else k)
     return ks
 
 
+@pytest.mark.parametrize("reference", ["first", "peak"])
 @pytest.mark.parametrize("seed", range(5))
-def test_the_rule_matches_a_naive_replay_on_random_histories(seed):
+def test_the_rule_matches_a_naive_replay_on_random_histories(seed, reference):
     g = torch.Generator().manual_seed(seed)
-    rule = Adaptive(k_min=4, k_max=50, kl_drop=0.6, patience=1 + seed % 3, growth=1.5)
+    rule = Adaptive(k_min=4, k_max=50, kl_drop=0.6, patience=1 + seed % 3, growth=1.5, reference=reference)
     history, expected = [], [rule.k_min]
     for step in range(40):  # each step at the K the naive replay gives; the KL falls as a run's would, with noise
         k = naive_k(history, rule)[-1]
@@ -112,6 +136,7 @@ def test_adaptive_settings_are_checked():
             ({"rollout_tokens": "adaptive", "adaptive_kl_drop": 1}, "adaptive_kl_drop must be strictly between 0 and 1"),
             ({"rollout_tokens": "adaptive", "adaptive_patience": 0}, "adaptive_patience must be >= 1"),
             ({"rollout_tokens": "adaptive", "adaptive_growth": 1}, "adaptive_growth must be > 1"),
+            ({"rollout_tokens": "adaptive", "adaptive_reference": "last"}, "adaptive_reference must be first or peak"),
             ({"rollout_tokens": "adaptive", "token_select": "top_reverse_kl"}, "picks tokens of full rollouts"),
             ({"rollout_tokens": "sometimes"}, "rollout_tokens")):
         with pytest.raises(ConfigError, match=message):
@@ -119,18 +144,20 @@ def test_adaptive_settings_are_checked():
     assert make_config({"rollout_tokens": "Adaptive"}).rollout_tokens == "adaptive"
 
 
-def test_an_adaptive_run_uses_the_rules_k_logs_its_figures_and_resumes_bit_identically(tiny_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reference", ["first", "peak"])
+def test_an_adaptive_run_uses_the_rules_k_logs_its_figures_and_resumes_bit_identically(tiny_dirs, tmp_path, monkeypatch, reference):
     from transformers import AutoModelForCausalLM
 
     from esrdistill.train import train
 
     student, teacher = tiny_dirs
     common = dict(steps=6, lora_r=0, lr=3e-2, temperature=1.0, rollout_tokens="adaptive", rollout_tokens_min=3,
-                  max_new_tokens=12, adaptive_patience=1, adaptive_kl_drop=0.99, save_every=0)
+                  max_new_tokens=12, adaptive_patience=1, adaptive_kl_drop=0.99, save_every=0,
+                  adaptive_reference=reference)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(make_config(tiny_overrides(student, teacher, straight, **common)))
     metrics = tracking.read_metrics(straight)
-    rule = Adaptive(k_min=3, k_max=12, kl_drop=0.99, patience=1)
+    rule = Adaptive(k_min=3, k_max=12, kl_drop=0.99, patience=1, reference=reference)
     history = horizon.history(metrics, 6)
     assert [k for k, _ in history] == [adaptive_k(history[:s], rule) for s in range(6)]  # each step's K is the rule's
     assert history[0][0] == 3 and all(m["rollout/len_mean"] <= m["rollout/k"] for m in metrics)

@@ -93,13 +93,16 @@ def test_the_full_grid_has_an_adaptive_and_soft_weight_arms_and_their_claims():
     grid = Grid()
     named = dict(arms(grid))
     assert named["adaptive"] == {"rollout_tokens": "adaptive", "rollout_tokens_min": 16}
+    assert named["adaptive_peak"] == {**named["adaptive"], "adaptive_reference": "peak"}
     assert named["full_iw_opd"] == {"rollout_tokens": None, "token_weight": "iw_opd"} and "full_decay" in named
     for values in named.values():
         make_config(values)
     rows = [_row("full", [0.2, 0.2]), _row(f"esr_k{grid.k}", [0.5, 0.5]), _row("adaptive", [0.49, 0.51]),
             _row("full_iw_opd", [0.6, 0.6])]
     found = {c["claim"]: c for c in claims(rows, grid, None, None, {})}
-    assert found["A K that adapts during training (rollout_tokens=adaptive)"]["verdict"] == "same as fixed"
+    assert found["A K that adapts during training (rollout_tokens=adaptive, adaptive_reference=first)"]["verdict"] \
+        == "same as fixed"
+    assert not any("adaptive_reference=peak" in claim for claim in found)  # not run: no claim
     assert found["Soft token weights on full rollouts (token_weight=iw_opd)"]["verdict"] == "better than unweighted"
     assert "Soft token weights on full rollouts (token_weight=decay)" not in found  # not run: no claim
 

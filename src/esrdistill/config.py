@@ -99,9 +99,10 @@ class Config:
     schedule_steps: Optional[int] = None  # progressive schedule: steps to reach rollout_tokens; null = all the steps
     auto_k_problems: int = 16  # rollout_tokens=auto: held-out problems the diagnostics use to choose K
     rollout_tokens_min: int = 16  # rollout_tokens=adaptive: K at the first step (K grows from there, up to max_new_tokens)
-    adaptive_kl_drop: float = 0.5  # rollout_tokens=adaptive: a step is learned when the window tail's reverse KL <= this x its value when K was set
+    adaptive_kl_drop: float = 0.5  # rollout_tokens=adaptive: a step is learned when the window tail's reverse KL <= this x the reference (adaptive_reference)
     adaptive_patience: int = 2  # rollout_tokens=adaptive: learned steps in a row before K grows
     adaptive_growth: float = 2.0  # rollout_tokens=adaptive: K -> ceil(K x this) when it grows
+    adaptive_reference: str = "first"  # rollout_tokens=adaptive: the tail KL a step is compared with: first (its value when K was set) or peak (its largest at this K)
     token_select: str = "prefix"  # prefix (ESR: generation stops at K) | on full rollouts: prefix_mask, random, middle, last, top_reverse_kl, ... (docs/selection.md)
     select_tokens: int = 100  # token_select other than prefix: tokens per trajectory that carry the loss
     token_weight: str = "none"  # none | decay | iw_opd | iw_opd_kl: soft weights of the tokens that carry the loss (docs/selection.md)

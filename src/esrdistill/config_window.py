@@ -20,6 +20,8 @@ def check_window(cfg, need) -> None:
         need(0 < cfg.adaptive_kl_drop < 1, f"adaptive_kl_drop must be strictly between 0 and 1, got {cfg.adaptive_kl_drop}")
         need(cfg.adaptive_patience >= 1, f"adaptive_patience must be >= 1, got {cfg.adaptive_patience}")
         need(cfg.adaptive_growth > 1, f"adaptive_growth must be > 1, got {cfg.adaptive_growth}")
+        need(cfg.adaptive_reference in ("first", "peak"),
+             f"adaptive_reference must be first or peak, got {cfg.adaptive_reference}")
     need(cfg.rollout_tokens_schedule in ("fixed", "progressive"),
          f"rollout_tokens_schedule must be fixed or progressive, got '{cfg.rollout_tokens_schedule}'")
     need(cfg.rollout_tokens_start >= 1, f"rollout_tokens_start must be >= 1, got {cfg.rollout_tokens_start}")

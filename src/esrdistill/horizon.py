@@ -7,7 +7,10 @@ the horizon, arXiv 2605.28396; neither paper's exact procedure, which needs full
   last quarter of the current window, [K - ceil(K / 4), K). The first step at a K sets the reference r.
 - A later step at the same K whose tail KL is at most `adaptive_kl_drop` * r counts as "learned"; after
   `adaptive_patience` such steps in a row, K grows to min(max_new_tokens, ceil(K * adaptive_growth)) and the
-  next step sets a new reference. K never shrinks. A step whose tail holds no counted position (every rollout
+  next step sets a new reference. K never shrinks.
+- `adaptive_reference=peak` takes as r the largest tail KL at this K so far instead of the first: learning a prefix
+  first pushes the positions at its end away from the teacher (the diagnostics' cascading alignment), so the
+  tail KL often rises after K is set and comes back down; "learned" is then measured from that peak. A step whose tail holds no counted position (every rollout
   ended before it: K no longer binds) counts as learned; one whose tail KL is not finite (a skipped step) sets no
   reference and breaks the run of learned steps.
 
@@ -32,6 +35,7 @@ class Adaptive:
     kl_drop: float = 0.5  # adaptive_kl_drop: a step is "learned" when its tail KL <= kl_drop * the reference
     patience: int = 2  # adaptive_patience: learned steps in a row before K grows
     growth: float = 2.0  # adaptive_growth: K -> ceil(K * growth)
+    reference: str = "first"  # adaptive_reference: first (the first figure at a K) or peak (the largest so far at it)
 
 
 def tail_start(k: int) -> int:
@@ -54,6 +58,8 @@ def adaptive_k(history: list[tuple[int, float | None]], rule: Adaptive) -> int:
         if tail is not None and reference is None:  # the first figure at this K: the reference, not a learned step
             reference, learned = tail, 0
             continue
+        if tail is not None and rule.reference == "peak":
+            reference = max(reference, tail)
         learned = learned + 1 if tail is None or tail <= rule.kl_drop * reference else 0
         if learned >= rule.patience and k < rule.k_max:
             k, reference, learned = min(rule.k_max, math.ceil(k * rule.growth)), None, 0

@@ -29,7 +29,8 @@ class Grid:
     ks: tuple[int, ...] = (16, 32, 64)  # ESR arms
     rules: tuple[str, ...] = PLACE_RULES + SCORE_RULES  # selection arms (full rollouts, k tokens each)
     progressive: bool = True
-    adaptive: bool = True  # an arm with rollout_tokens=adaptive (horizon.py), from K/2 up to max_new_tokens
+    adaptive: tuple[str, ...] = ("first", "peak")  # rollout_tokens=adaptive arms (horizon.py), from K/2 up to max_new_tokens,
+    # one per adaptive_reference: `adaptive` (first) and `adaptive_peak`
     weights: tuple[str, ...] = ("iw_opd", "decay")  # soft token weight arms (weighting.py), on full rollouts
     seeds: int = 3
     steps: int = 300
@@ -38,7 +39,7 @@ class Grid:
     overrides: dict = field(default_factory=dict)
 
 
-QUICK = Grid(k=16, ks=(16,), rules=("prefix_mask", "top_reverse_kl"), progressive=True, adaptive=False, weights=(), seeds=2, steps=4, eval_problems=16,
+QUICK = Grid(k=16, ks=(16,), rules=("prefix_mask", "top_reverse_kl"), progressive=True, adaptive=(), weights=(), seeds=2, steps=4, eval_problems=16,
              diagnose_problems=8, overrides={"batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2,
                                              "max_new_tokens": 140})
 
@@ -51,8 +52,10 @@ def arms(grid: Grid) -> list[tuple[str, dict]]:
         out.append((f"progressive_1-{grid.k}", {"rollout_tokens": grid.k, "rollout_tokens_schedule": "progressive",
                                                   "rollout_tokens_start": 1}))
     out += [(rule, {"rollout_tokens": None, "token_select": rule, "select_tokens": grid.k}) for rule in grid.rules]
-    if grid.adaptive:
-        out.append(("adaptive", {"rollout_tokens": "adaptive", "rollout_tokens_min": max(1, grid.k // 2)}))
+    for reference in grid.adaptive:
+        values = {"rollout_tokens": "adaptive", "rollout_tokens_min": max(1, grid.k // 2)}
+        out.append(("adaptive", values) if reference == "first"
+                   else (f"adaptive_{reference}", {**values, "adaptive_reference": reference}))
     out += [(f"full_{rule}", {"rollout_tokens": None, "token_weight": rule}) for rule in grid.weights]
     return out
 
@@ -165,13 +168,15 @@ def claims(rows: list[dict], grid: Grid, before: dict | None, full_diag: dict | 
         add("A progressive K schedule", "tried (K from 1 to 200), no figure given",
             f"progressive {_pct(_acc(progressive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
             {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
-    adaptive = _row(rows, "adaptive")
-    if adaptive and esr:
-        diff, verdict = compare(adaptive, esr)
-        add("A K that adapts during training (rollout_tokens=adaptive)", "ADWIN (arXiv 2605.28396): up to 4.1x cheaper "
-            "than full OPD at the same accuracy; not in the ESR paper",
-            f"adaptive {_pct(_acc(adaptive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
-            {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
+    for reference in grid.adaptive:
+        name = "adaptive" if reference == "first" else f"adaptive_{reference}"
+        adaptive = _row(rows, name)
+        if adaptive and esr:
+            diff, verdict = compare(adaptive, esr)
+            add(f"A K that adapts during training (rollout_tokens=adaptive, adaptive_reference={reference})",
+                "ADWIN (arXiv 2605.28396): up to 4.1x cheaper than full OPD at the same accuracy; not in the ESR paper",
+                f"{name} {_pct(_acc(adaptive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
+                {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
     for rule in grid.weights:
         weighted = _row(rows, f"full_{rule}")
         if weighted and full:

@@ -216,6 +216,7 @@ def record(study: Study, run: StudyRun, cfg, teacher: dict, student: dict, code:
         "select_tokens": cfg.select_tokens if cfg.token_select != "prefix" else None, "loss": cfg.loss,
         "token_weight": cfg.token_weight, "k_per_step": [int(r["rollout/k"]) for r in rows if "rollout/k" in r]
         if cfg.rollout_tokens == "adaptive" else None,
+        "adaptive_reference": cfg.adaptive_reference if cfg.rollout_tokens == "adaptive" else None,
         "seed": cfg.seed, "data_seed": cfg.data_seed, "student": cfg.student, "teacher": cfg.teacher, "dataset": cfg.dataset,
         "teacher_accuracy": teacher["accuracy"], "teacher_ci": teacher["ci"],
         "student_before": student["accuracy"], "student_before_ci": student["ci"],

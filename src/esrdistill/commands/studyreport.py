@@ -45,6 +45,7 @@ def arm_rows(records: list[dict]) -> list[dict]:
             "token_select": first["token_select"], "select_tokens": first.get("select_tokens"), "loss": first["loss"],
             "token_weight": first.get("token_weight", "none"), "seeds": [r["seed"] for r in group],
             "final_k": [r["k_per_step"][-1] for r in group if r.get("k_per_step")],
+            "adaptive_reference": first.get("adaptive_reference") or "first",
             **{key: _stats([r[key] for r in group]) for key in (
                 "teacher_accuracy", "student_before", "student_after", "best_minus_final", "steps", "seconds",
                 "seconds_per_step", "generated_tokens", "mean_response_tokens", "cut_frac", "after_len_mean")},
@@ -75,7 +76,8 @@ def _rollout(row: dict) -> str:
     weight = f", token_weight={row['token_weight']}" if row.get("token_weight", "none") != "none" else ""
     if row["rollout_tokens"] == "adaptive":
         settled = "/".join(map(str, row.get("final_k") or []))
-        return f"ESR, K adaptive (final K {settled or '-'})" + weight
+        reference = ", peak reference" if row.get("adaptive_reference") == "peak" else ""
+        return f"ESR, K adaptive{reference} (final K {settled or '-'})" + weight
     if row["rollout_tokens"] is not None:
         return f"ESR, K={row['rollout_tokens']}" + weight
     if row["token_select"] != "prefix":
