@@ -54,8 +54,7 @@ def adaptive(cfg: Config) -> Adaptive | None:
     if cfg.rollout_tokens != "adaptive":
         return None
     return Adaptive(k_min=cfg.rollout_tokens_min, k_max=cfg.max_new_tokens, kl_drop=cfg.adaptive_kl_drop,
-                    patience=cfg.adaptive_patience, growth=cfg.adaptive_growth,
-                    reference=cfg.adaptive_reference)
+                    patience=cfg.adaptive_patience, growth=cfg.adaptive_growth, reference=cfg.adaptive_reference)
 
 
 def prepare_models(cfg: Config) -> None:

@@ -44,6 +44,11 @@ QUICK = Grid(k=16, ks=(16,), rules=("prefix_mask", "top_reverse_kl"), progressiv
                                              "max_new_tokens": 140})
 
 
+def adaptive_arm(reference: str) -> str:
+    """The lab arm of rollout_tokens=adaptive with this adaptive_reference: `adaptive` (first), `adaptive_peak`."""
+    return "adaptive" if reference == "first" else f"adaptive_{reference}"
+
+
 def arms(grid: Grid) -> list[tuple[str, dict]]:
     """(name, config values) of every arm of the grid."""
     out = [("full", {"rollout_tokens": None})]
@@ -54,8 +59,7 @@ def arms(grid: Grid) -> list[tuple[str, dict]]:
     out += [(rule, {"rollout_tokens": None, "token_select": rule, "select_tokens": grid.k}) for rule in grid.rules]
     for reference in grid.adaptive:
         values = {"rollout_tokens": "adaptive", "rollout_tokens_min": max(1, grid.k // 2)}
-        out.append(("adaptive", values) if reference == "first"
-                   else (f"adaptive_{reference}", {**values, "adaptive_reference": reference}))
+        out.append((adaptive_arm(reference), values if reference == "first" else {**values, "adaptive_reference": reference}))
     out += [(f"full_{rule}", {"rollout_tokens": None, "token_weight": rule}) for rule in grid.weights]
     return out
 
@@ -169,7 +173,7 @@ def claims(rows: list[dict], grid: Grid, before: dict | None, full_diag: dict | 
             f"progressive {_pct(_acc(progressive)[0])} vs fixed K={grid.k} {_pct(_acc(esr)[0])} ({_pts(diff)})",
             {"holds": "better than fixed", "does not hold": "worse than fixed", "within noise": "same as fixed"}.get(verdict, verdict))
     for reference in grid.adaptive:
-        name = "adaptive" if reference == "first" else f"adaptive_{reference}"
+        name = adaptive_arm(reference)
         adaptive = _row(rows, name)
         if adaptive and esr:
             diff, verdict = compare(adaptive, esr)
