@@ -58,6 +58,10 @@ def test_bench_summary_skips_the_warm_up_step():
     assert summary["peak_mb"] == 108.0 and summary["steps_measured"] == 2
     text = bench.table({"a": summary, "b": {**summary, "step_s": summary["step_s"] * 2}})
     assert "| step s | 6.00 | 12.00 | 2.0x |" in text
+    both = bench.table({"a hf": summary, "b hf": {**summary, "step_s": 12.0}, "a vllm": {**summary, "step_s": 3.0},
+                        "b vllm": {**summary, "step_s": 9.0}})  # --engine both: a ratio for each engine's pair
+    assert "| per step (mean after the first) | a hf | b hf | ratio | a vllm | b vllm | ratio |" in both
+    assert "| step s | 6.00 | 12.00 | 2.0x | 3.00 | 9.00 | 3.0x |" in both and "|---|" + "---|" * 6 in both
     assert summary["tokens_per_s"] == pytest.approx(5.0 / 3.0) and summary["sync_s"] == 0.0
 
 

@@ -155,3 +155,28 @@ def test_the_cpu_attention_check_names_the_head_size_and_the_engine_that_works()
     assert "head_dim is 16 = hidden_size 32 / num_attention_heads 2" in problem and "supports 32, 64, 128" in problem
     assert "rollout_engine=hf" in problem
     assert "its head_dim is 80, and" in cpu_attention_problem({"hidden_size": 64, "num_attention_heads": 2, "head_dim": 80}, sizes)
+
+
+def test_the_vllm_engine_gives_back_the_memory_policy_it_bound():
+    """vLLM's CPU worker binds the thread it starts in to its NUMA node (MPOL_BIND); keep_mempolicy puts back the
+    policy read before. Run in a thread of its own: a policy belongs to one thread."""
+    import threading
+
+    from esrdistill.engines.vllm import keep_mempolicy, mempolicy, set_mempolicy
+
+    if mempolicy() is None:
+        pytest.skip("no get_mempolicy here (not Linux on x86-64 or aarch64)")
+    seen = {}
+
+    def bind_then_keep():
+        before = mempolicy()
+        assert set_mempolicy((2, (1,) + (0,) * 15))  # what vLLM does: MPOL_BIND to node 0
+        seen["bound"] = mempolicy()
+        keep_mempolicy(before)
+        seen["before"], seen["after"] = before, mempolicy()
+
+    thread = threading.Thread(target=bind_then_keep)
+    thread.start()
+    thread.join()
+    assert seen["bound"][0] == 2 and seen["bound"][1][0] & 1  # the bind took: the test can fail
+    assert seen["after"] == seen["before"] and seen["before"][0] != 2

@@ -194,15 +194,18 @@ def test_a_run_with_the_vllm_engine_exits_without_a_traceback(vllm_dirs, tmp_pat
 
 
 def test_training_keeps_its_threads_after_the_engine_starts(vllm_dirs):
-    """vLLM's CPU worker replaces torch.set_num_threads with a no-op after choosing its own threads: the engine
-    puts torch's function back and the thread count the process had."""
-    from esrdistill.engines.vllm import VLLMEngine, VLLMSettings
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op after choosing its own threads and binds the
+    thread's memory to its NUMA node: the engine puts torch's function back, the thread count the process had and
+    the memory policy."""
+    from esrdistill.engines.vllm import VLLMEngine, VLLMSettings, mempolicy
 
     TORCH_SET_NUM_THREADS(2)
     if torch.get_num_threads() < 2:
         pytest.skip("one CPU thread: nothing to lose")
+    policy = mempolicy()
     VLLMEngine(vllm_dirs[0], torch.float32, max_model_len=128, seed=0, settings=VLLMSettings(kv_cache_gb=0.1))
     assert torch.get_num_threads() == 2 and torch.set_num_threads is TORCH_SET_NUM_THREADS
+    assert mempolicy() == policy  # vLLM's CPU worker bound this thread's memory to its node: given back
     torch.set_num_threads(1)
     assert torch.get_num_threads() == 1  # the function works again
     torch.set_num_threads(2)

@@ -130,17 +130,25 @@ def summarise(metrics: list[dict], skip_first: bool = True) -> dict:
     return out
 
 
-def table(results: dict[str, dict]) -> str:
+def table(results: dict[str, dict], group: int = 2) -> str:
+    """The runs side by side, in groups of `group` (a job's variants, once per engine); after each group of two (ESR,
+    then the full rollout) the second's ratio to the first."""
     names = list(results)
-    lines = ["| per step (mean after the first) | " + " | ".join(names) + " | ratio |", "|---|" + "---|" * (len(names) + 1)]
+    pairs = [names[i:i + group] for i in range(0, len(names), group)]
+    lines = ["| per step (mean after the first) | " + " | ".join(" | ".join(p) + (" | ratio" if len(p) == 2 else "") for p in pairs) + " |",
+             "|---|" + "".join("---|" * (len(p) + (len(p) == 2)) for p in pairs)]
     rows = [("rollout s", "rollout_s"), ("teacher s", "teacher_s"), ("train s", "train_s"), ("engine sync s", "sync_s"),
             ("step s", "step_s"), ("response tokens", "tokens"), ("generated tokens per s", "tokens_per_s"),
             ("mean response length", "len_mean"), ("decode steps run by generate", "decode_steps"),
             ("prompt tokens", "prompt_tokens"), ("rollouts ended with EOS", "eos_frac"), ("peak memory MB (CUDA: allocated; CPU: resident)", "peak_mb")]
     for label, key in rows:
-        values = [results[n][key] for n in names]
-        ratio = f"{values[-1] / values[0]:.1f}x" if len(values) == 2 and values[0] else ""
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in values) + f" | {ratio} |")
+        cells = []
+        for pair in pairs:
+            values = [results[n][key] for n in pair]
+            cells += [f"{v:.2f}" if isinstance(v, float) else str(v) for v in values]
+            if len(pair) == 2:
+                cells.append(f"{values[1] / values[0]:.1f}x" if values[0] else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -185,7 +193,7 @@ def bench(overrides: list[str] | None = None, out: str = "runs/bench", job: str 
             label = name if len(engines) == 1 else f"{name} {engine}"
             values["run_dir"] = str(out_dir / label.replace(" ", "_"))
             results[label] = summarise(_train(values, label, engine))
-    report = table(results)
+    report = table(results, group=len(variants))
     print("\n" + report)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
     (out_dir / "bench.md").write_text(report + "\n")

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +130,57 @@ def keep_threads(threads: int, set_threads) -> None:
     set_threads(threads)
 
 
+# get_mempolicy(2) and set_mempolicy(2) by syscall number: glibc has no wrapper, and libnuma may be absent
+_MEMPOLICY_SYSCALLS = {"x86_64": (239, 238), "aarch64": (236, 237)}
+_NODE_WORDS = 16  # node masks of up to 1024 nodes
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def mempolicy() -> tuple[int, tuple[int, ...]] | None:
+    """The calling thread's NUMA memory policy: (mode with its flags, the node mask's 64-bit words); None where it
+    cannot be read (not Linux on x86-64 or aarch64, or the call failed)."""
+    numbers = _MEMPOLICY_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    if numbers is None:
+        return None
+    ctypes, libc = _libc()
+    mode, mask = ctypes.c_int(0), (ctypes.c_ulong * _NODE_WORDS)()
+    if libc.syscall(numbers[0], ctypes.byref(mode), mask, ctypes.c_ulong(_NODE_WORDS * 64), None, ctypes.c_ulong(0)):
+        return None
+    return mode.value, tuple(mask)
+
+
+def set_mempolicy(policy: tuple[int, tuple[int, ...]]) -> bool:
+    """Set the calling thread's NUMA memory policy to one that `mempolicy()` read; True on success."""
+    numbers = _MEMPOLICY_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    if numbers is None:
+        return False
+    ctypes, libc = _libc()
+    mode, words = policy
+    if mode == 0:  # MPOL_DEFAULT takes no node mask
+        return libc.syscall(numbers[1], 0, None, ctypes.c_ulong(0)) == 0
+    mask = (ctypes.c_ulong * len(words))(*words)
+    return libc.syscall(numbers[1], mode, mask, ctypes.c_ulong(len(words) * 64 + 1)) == 0
+
+
+def keep_mempolicy(before: tuple[int, tuple[int, ...]] | None) -> None:
+    """Give training back the NUMA memory policy this thread had before vLLM started in it.
+
+    vLLM's CPU worker binds the calling thread's memory strictly to its NUMA node (`init_cpu_memory_env`: MPOL_BIND),
+    and training runs in that thread: on a host of several nodes every later tensor of the student, the teacher and
+    the optimizer would have to fit in that one node's memory. The engine's weights and KV cache are allocated by
+    then and stay where they are. (On one node it changes nothing measurable: docs/training.md.)"""
+    if before is None or mempolicy() == before:
+        return
+    if not set_mempolicy(before):
+        warnings.warn("could not give training back its NUMA memory policy after vLLM bound it: teacher and train "
+                      "phases may run slower beside the engine", RuntimeWarning, stacklevel=2)
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     """How the vLLM engine uses its device (build.vllm_settings makes it from the config's vllm_* keys)."""
@@ -165,9 +219,11 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = 2**30  # CPU: 1 GiB unless asked otherwise
         self.sleep_between = settings.sleep and cuda
         self.vocab_size = vocab_size
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        threads, set_threads, policy = torch.get_num_threads(), torch.set_num_threads, mempolicy()
         self.llm = LLM(**kwargs)
         keep_threads(threads, set_threads)
+        self._policy = policy
+        keep_mempolicy(policy)
         self.head_rows = self.llm.llm_engine.model_config.get_vocab_size()
         self._asleep = False
 
@@ -185,6 +241,7 @@ class VLLMEngine:
         self._wake()
         params = [self._params(sampling, None if seeds is None else int(s) % (2**63)) for s in (seeds or [None] * len(prompts))]
         outputs = self.llm.generate([self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        keep_mempolicy(self._policy)  # a syscall: in case the worker binds again
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         width = max(1, max(map(len, tokens)))
         responses = torch.full((len(tokens), width), sampling.pad_id, dtype=torch.long)
