@@ -141,10 +141,15 @@ def _libc():
     return ctypes, ctypes.CDLL(None, use_errno=True)
 
 
+def _syscalls() -> tuple[int, int] | None:
+    """(get_mempolicy, set_mempolicy) syscall numbers here; None off Linux or on another architecture."""
+    return _MEMPOLICY_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+
+
 def mempolicy() -> tuple[int, tuple[int, ...]] | None:
     """The calling thread's NUMA memory policy: (mode with its flags, the node mask's 64-bit words); None where it
     cannot be read (not Linux on x86-64 or aarch64, or the call failed)."""
-    numbers = _MEMPOLICY_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    numbers = _syscalls()
     if numbers is None:
         return None
     ctypes, libc = _libc()
@@ -156,7 +161,7 @@ def mempolicy() -> tuple[int, tuple[int, ...]] | None:
 
 def set_mempolicy(policy: tuple[int, tuple[int, ...]]) -> bool:
     """Set the calling thread's NUMA memory policy to one that `mempolicy()` read; True on success."""
-    numbers = _MEMPOLICY_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    numbers = _syscalls()
     if numbers is None:
         return False
     ctypes, libc = _libc()
