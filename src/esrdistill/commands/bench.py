@@ -134,19 +134,19 @@ def table(results: dict[str, dict], group: int = 2) -> str:
     """The runs side by side, in groups of `group` (a job's variants, once per engine); after each group of two (ESR,
     then the full rollout) the second's ratio to the first."""
     names = list(results)
-    pairs = [names[i:i + group] for i in range(0, len(names), group)]
-    lines = ["| per step (mean after the first) | " + " | ".join(" | ".join(p) + (" | ratio" if len(p) == 2 else "") for p in pairs) + " |",
-             "|---|" + "".join("---|" * (len(p) + (len(p) == 2)) for p in pairs)]
+    groups = [names[i:i + group] for i in range(0, len(names), group)]
+    lines = ["| per step (mean after the first) | " + " | ".join(" | ".join(p) + (" | ratio" if len(p) == 2 else "") for p in groups) + " |",
+             "|---|" + "".join("---|" * (len(p) + (len(p) == 2)) for p in groups)]
     rows = [("rollout s", "rollout_s"), ("teacher s", "teacher_s"), ("train s", "train_s"), ("engine sync s", "sync_s"),
             ("step s", "step_s"), ("response tokens", "tokens"), ("generated tokens per s", "tokens_per_s"),
             ("mean response length", "len_mean"), ("decode steps run by generate", "decode_steps"),
             ("prompt tokens", "prompt_tokens"), ("rollouts ended with EOS", "eos_frac"), ("peak memory MB (CUDA: allocated; CPU: resident)", "peak_mb")]
     for label, key in rows:
         cells = []
-        for pair in pairs:
-            values = [results[n][key] for n in pair]
+        for group_names in groups:
+            values = [results[n][key] for n in group_names]
             cells += [f"{v:.2f}" if isinstance(v, float) else str(v) for v in values]
-            if len(pair) == 2:
+            if len(group_names) == 2:
                 cells.append(f"{values[1] / values[0]:.1f}x" if values[0] else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
