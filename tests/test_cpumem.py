@@ -27,7 +27,7 @@ PROBE = textwrap.dedent("""
     held = rss_mb()
     del x
     freed = rss_mb()
-    y = torch.ones(64 * 2**20)
+    y = torch.ones(60 * 2**20)  # 240 MiB: fits in the freed block even after small allocations took some of it
     again = rss_mb()
     print(json.dumps(dict(kept=kept, before=before, held=held, freed=freed, again=again)))
 """)
@@ -46,7 +46,7 @@ def test_freed_memory_leaves_the_process_by_default_and_stays_for_reuse_when_kep
         assert r["held"] - r["before"] > 240, r  # the tensor is resident while held
     assert default["held"] - default["freed"] > 240, default  # glibc's default: unmapped when freed
     assert kept["held"] - kept["freed"] < 16, kept  # kept: still in the process
-    assert kept["again"] - kept["freed"] < 16, kept  # and the next tensor of that size reuses it
+    assert kept["again"] - kept["freed"] < 16, kept  # and the next tensor of about that size reuses it
 
 
 @pytest.mark.parametrize("setting", [True, False])
