@@ -3,10 +3,11 @@
 With glibc's defaults, a block of 128 KiB or more (the threshold moves up to 32 MiB as blocks are freed)
 is mmapped, and unmapped again when it is freed; the top of the heap is returned to the kernel once 128
 KiB or more lies free there. A CPU training step allocates and frees its activations and gradients
-(about 1.5 GB for SmolLM2-135M at batch 4 and 256 tokens), so every step faults them in again: about
-390k page faults per step, measured with `scripts/freed_memory.py`. What a fault costs depends on the
-host (under KVM it varied between processes, and grew when the process held more memory, such as the
-in-process vLLM engine's 2.3 GB), which is what slowed the train phase beside vLLM.
+(about 1.5 GB for SmolLM2-135M at batch 4 and 256 tokens), so every step faults them in again: 338k-412k
+page faults per step, measured with `scripts/freed_memory.py` (docs/training.md, "Freed memory on the CPU").
+What a fault costs depends on the host (under KVM it varied between processes, and on one host it grew when the
+process held more memory, such as the in-process vLLM engine's 2.3 GB), which is what slowed the train phase
+beside vLLM.
 
 `keep_freed_memory()` sets `M_MMAP_MAX=0` (no block is mmapped: all come from the heap) and
 `M_TRIM_THRESHOLD=-1` (glibc reads it as SIZE_MAX: the heap is never trimmed), so that memory freed by
