@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
-from esrdistill import checkpoint, objective, ranks, sharding
+from esrdistill import checkpoint, cpumem, objective, ranks, sharding
 from esrdistill.config import Config
 from esrdistill.engines.gathering import gathering
 from esrdistill.engines.protocol import Engine
@@ -78,7 +78,10 @@ class Learner:
 
 def prepare(cfg: Config, pair, accelerator: Accelerator) -> Learner:
     """The Learner of pair.student: sharded in place under an FSDP accelerate config (checked by `check`), else prepared
-    by accelerate (DDP under several processes); AdamW and the warmup-then-cosine schedule."""
+    by accelerate (DDP under several processes); AdamW and the warmup-then-cosine schedule. On the CPU, glibc keeps
+    freed memory for the next step (cpu_keep_memory)."""
+    if accelerator.device.type == "cpu" and cfg.cpu_keep_memory:  # glibc: no mmapped blocks, no heap trim,
+        cpumem.keep_freed_memory()  # so each train step reuses the pages the last one freed (docs/training.md)
     model = pair.student
     sharded = sharding.requested()
     if sharded:

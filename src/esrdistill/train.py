@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from esrdistill import build, checkpoint, cpumem, horizon, learner, objective, order, ranks, rollout, rundir, selection
+from esrdistill import build, checkpoint, horizon, learner, objective, order, ranks, rollout, rundir, selection
 from esrdistill.config import Config, ConfigError
 from esrdistill.engines.protocol import Engine
 from esrdistill.errors import UserError
@@ -162,8 +162,6 @@ def setup(cfg: Config, accelerator: Accelerator, say) -> Run:
 def train(cfg: Config, log=tqdm.write) -> Path:
     """Distil cfg.teacher into cfg.student; return the run directory (final model in run_dir/final)."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    if accelerator.device.type == "cpu" and cfg.cpu_keep_memory:
-        cpumem.keep_freed_memory()  # glibc: no mmapped blocks, no heap trim, so a step reuses the last one's pages
     say = log if accelerator.is_main_process else (lambda message: None)
     run = setup(cfg, accelerator, say)
     cfg, run_dir = run.cfg, run.run_dir
