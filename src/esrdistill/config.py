@@ -150,7 +150,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in run_dir
     merge_lora: bool = True  # final/ holds the merged model; False = the adapter only
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda; several GPUs: `accelerate launch`
-    cpu_keep_memory: bool = True  # on the CPU, malloc keeps freed memory for the next step (no page faults; see docs/training.md)
+    cpu_keep_memory: bool = True  # on the CPU (one process), malloc keeps freed memory for the next step (no page faults; docs/training.md)
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; full fine-tuning keeps fp32 master weights
     final_dtype: str = "auto"  # dtype of final/: auto (= dtype) | float32 (keeps updates bf16 full fine-tuning rounds away) | bfloat16 | float16
     tensorboard: bool = False  # also write TensorBoard events to run_dir/tb (`pip install tensorboard`)
