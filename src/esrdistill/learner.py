@@ -81,7 +81,7 @@ def prepare(cfg: Config, pair, accelerator: Accelerator) -> Learner:
     by accelerate (DDP under several processes); AdamW and the warmup-then-cosine schedule. On the CPU, glibc keeps
     freed memory for the next step (cpu_keep_memory)."""
     # glibc: no mmapped blocks, no heap trim, so each train step reuses the pages the last one freed (docs/training.md);
-    # one process only: beside gloo's threads (several CPU processes) it aborted 2 test runs in 11, not understood
+    # one process only, a precaution: an FSDP2 test over gloo aborts at times, with and without it (docs/training.md)
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and cfg.cpu_keep_memory:
         cpumem.keep_freed_memory()
     model = pair.student
